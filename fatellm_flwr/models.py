@@ -1,0 +1,283 @@
+"""Load any Hugging Face causal LM, quantize it, wrap it with PEFT, move trainable state.
+
+One loader and one PEFT builder serve every algorithm. LoRA/IA3 target modules are found
+from the model's own linear layers (FATE-LLM's per-family table is what broke Qwen), and
+only trainable tensors travel: named, in a stable order, as float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be loaded, with the reason and what to do."""
+
+
+# --------------------------------------------------------------------------- loading
+def check_quantization_support(quantization: str) -> None:
+    """Fail early, with what is needed, when bitsandbytes can't run ``quantization`` here."""
+    if quantization == "none":
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
+        raise ModelLoadError(
+            f"quantization={quantization!r} needs the bitsandbytes package "
+            f"(pip install 'bitsandbytes>=0.45'): {e}") from e
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # a 16x16 probe layer: the cheapest honest check that the kernels exist here
+        if quantization == "4bit":
+            layer = bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
+        layer = layer.to(device)
+        layer(torch.randn(2, 16, device=device))
+    except Exception as e:
+        raise ModelLoadError(
+            f"quantization={quantization!r} is not supported by bitsandbytes "
+            f"{bnb.__version__} on {device}: {type(e).__name__}: {e}. It needs a CUDA GPU, "
+            f"or bitsandbytes>=0.46 with CPU kernels; use quantization='none' otherwise."
+        ) from e
+
+
+def load_tokenizer(model_ref: str, gguf_file: str = ""):
+    """The tokenizer of ``model_ref`` with a pad token and right padding."""
+    from transformers import AutoTokenizer
+
+    from .assets import resolve_model_ref
+
+    path = resolve_model_ref(model_ref)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_ref, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(model_ref: str, gguf_file: str = "", quantization: str = "none",
+                    dtype: str = "float32") -> nn.Module:
+    """Load a causal LM by hub id, local folder, or ``builtin:<name>``, optionally quantized."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .assets import resolve_model_ref
+
+    check_quantization_support(quantization)
+    path = resolve_model_ref(model_ref)
+    kwargs: dict = {"dtype": _DTYPES[dtype]}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float32
+    elif quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available()
+            else torch.bfloat16)
+    if quantization != "none" and torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_ref, e) from e
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _load_error(model_ref: str, e: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    where = ("it is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+             if offline else "it is neither a local folder nor a reachable hub id")
+    return ModelLoadError(
+        f"could not load model {model_ref!r}: {where}. Use a local folder, a hub id while "
+        f"online, or a builtin such as 'builtin:smollm2-135m-instruct'. ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''})")
+
+
+# --------------------------------------------------------------------------- PEFT
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    types: list[type] = [nn.Linear, Conv1D]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear8bitLt, bnb.nn.Linear4bit]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def find_target_modules(model: nn.Module) -> list[str]:
+    """Names (last path component) of the linear layers inside the transformer blocks.
+
+    Works from the modules themselves: ``nn.Linear``, GPT-2's ``Conv1D`` and bitsandbytes'
+    quantized linears, excluding the output head. Sorted, so the result is stable.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+             if isinstance(mod, _linear_types()) and mod is not head and "." in name}
+    names.discard("lm_head")
+    if not names:
+        raise ValueError(f"found no linear layers to adapt in {type(model).__name__}; "
+                         "set target-modules explicitly")
+    return sorted(names)
+
+
+def _feedforward_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """IA3 scales the *input* of feed-forward down projections (Liu et al. 2022):
+    the targets whose every instance maps a wider input to a narrower output."""
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for name, mod in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short in targets and isinstance(mod, _linear_types()):
+            w = mod.weight
+            # Conv1D stores (in, out); nn.Linear (out, in)
+            in_f, out_f = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (
+                getattr(mod, "in_features", w.shape[-1]), getattr(mod, "out_features", w.shape[0]))
+            shapes.setdefault(short, []).append((in_f, out_f))
+    return sorted(n for n, s in shapes.items() if all(i > o for i, o in s))
+
+
+def build_peft_config(cfg: Config, model: nn.Module):
+    """The peft ``*Config`` for ``cfg.peft_method``, with targets found from the model."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if cfg.peft_method in ("lora", "ia3"):
+        found = find_target_modules(model)
+        targets = cfg.target_module_list or found
+        missing = [t for t in targets if t not in found]
+        if missing:
+            raise ValueError(
+                f"target-modules {missing} not found in {type(model).__name__}; "
+                f"its linear layers are: {', '.join(found)}")
+        if cfg.peft_method == "lora":
+            fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
+            return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, fan_in_fan_out=fan_in_fan_out)
+        ff = _feedforward_modules(model, targets)
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets,
+                         feedforward_modules=ff)
+    if cfg.peft_method == "prompt-tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                  num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.peft_method == "prefix-tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                  num_virtual_tokens=cfg.num_virtual_tokens)
+    raise ValueError(f"unknown peft-method {cfg.peft_method!r}")
+
+
+def wrap_peft(model: nn.Module, cfg: Config, quantization: str = "none"):
+    """Wrap a base model with the configured PEFT method (k-bit preparation for QLoRA)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, build_peft_config(cfg, model))
+    return peft_model
+
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def load_peft_model(cfg: Config):
+    """``(peft_model, tokenizer)`` for ``cfg``, cached per process.
+
+    In the simulation engine several clients share one process: the wrapped model is
+    reused, and every fit overwrites its whole trainable state, so a round never reloads
+    weights from disk. The seed fixes the adapters' initial values on every process.
+    """
+    key = (cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype, cfg.peft_method, cfg.lora_r,
+           cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.num_virtual_tokens,
+           cfg.seed)
+    if key not in _CACHE:
+        tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
+        base = load_base_model(cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        _CACHE.clear()  # one model per process: never hold two LLMs in memory
+        _CACHE[key] = (wrap_peft(base, cfg, cfg.quantization), tokenizer)
+    return _CACHE[key]
+
+
+def clear_model_cache() -> None:
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------- state
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters, in the model's own (stable) order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable_state(model: nn.Module) -> list[np.ndarray]:
+    """The trainable parameters as float32 arrays, in :func:`trainable_names` order."""
+    return [p.detach().to("cpu", torch.float32).numpy().copy()
+            for _, p in model.named_parameters() if p.requires_grad]
+
+
+def set_trainable_state(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    """Write arrays (in :func:`trainable_names` order) into the trainable parameters."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if len(arrays) != len(params):
+        raise ValueError(f"expected {len(params)} trainable arrays, got {len(arrays)}")
+    with torch.no_grad():
+        for (name, p), a in zip(params, arrays):
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"array for {name!r} has shape {tuple(a.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            p.copy_(torch.as_tensor(np.asarray(a), dtype=p.dtype, device=p.device))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (quantized weights counted unpacked)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or type(p).__name__ == "Params4bit":
+            n *= 2  # 4-bit weights pack two values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save a PEFT model's adapter with ``save_pretrained``, atomically (tmp dir + rename)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

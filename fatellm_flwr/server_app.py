@@ -1,0 +1,54 @@
+"""The Flower ServerApp: run config -> algorithm -> strategy -> rounds -> outputs."""
+
+from __future__ import annotations
+
+import json
+from logging import INFO
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from .algorithms import get_algorithm
+from .config import Config
+from .metrics import CommLedger
+from .outputs import RunDir
+
+app = ServerApp()
+
+
+def build_strategy(cfg: Config):
+    """``(strategy, rounds still to run)``, resuming from ``cfg.resume_from`` when set."""
+    strategy_cls = get_algorithm(cfg).strategy_class()
+    if cfg.resume_from:
+        run = RunDir(cfg.resume_from)
+        done, arrays, meta = run.load_checkpoint()
+        if meta.get("algorithm") != cfg.algorithm:
+            raise ValueError(f"resume-from={cfg.resume_from!r} holds a "
+                             f"{meta.get('algorithm')!r} run, not {cfg.algorithm!r}")
+        glob, state = strategy_cls.split_checkpoint(arrays)
+        log(INFO, "Resuming %s from round %d in %s", cfg.algorithm, done, run.path)
+        strategy = strategy_cls(cfg, run, initial=glob, round_offset=done,
+                                ledger=CommLedger.from_json(meta.get("ledger", {})),
+                                strategy_state=state)
+        return strategy, cfg.num_server_rounds - done
+    run = RunDir.create(cfg.output_dir, cfg.run_name, cfg.algorithm)
+    (run.path / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=2))
+    return strategy_cls(cfg, run), cfg.num_server_rounds
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = Config.from_run_config(context.run_config)
+    strategy, rounds = build_strategy(cfg)
+    log(INFO, "fatellm-flwr: algorithm=%s model=%s dataset=%s rounds=%d, output %s",
+        cfg.algorithm, cfg.model, cfg.dataset, rounds, strategy.run.path)
+    if rounds <= 0:
+        log(INFO, "Nothing to do: the run already completed %d rounds", cfg.num_server_rounds)
+        return
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
+                           strategy=strategy)
+    DefaultWorkflow()(grid, legacy)
+    summary = strategy.finish()
+    log(INFO, "Summary (%s):\n%s", strategy.run.path, summary)

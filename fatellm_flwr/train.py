@@ -1,0 +1,124 @@
+"""Local training and loss evaluation loops shared by every client."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import collate
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean token cross-entropy over the batch's non-masked labels (HF's own loss)."""
+    return model(**batch).loss
+
+
+def batch_iterator(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int,
+                   shuffle: bool = True) -> Iterator[Batch]:
+    """Endless batches over ``ds``, reshuffled every pass with a seeded generator."""
+    rows = ds.select_columns(list(_MODEL_KEYS))
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size].tolist()
+            yield collate(rows.select(idx).to_list(), pad_id)
+
+
+def num_local_steps(cfg: Config, num_examples: int) -> int:
+    """Optimizer steps per round: ``local-steps``, or ``local-epochs`` worth of batches."""
+    if cfg.local_steps > 0:
+        return cfg.local_steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.local_epochs * num_examples / per_step))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Constant, linear or cosine decay with linear warm-up, over one round's steps."""
+    warm = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, steps: int,
+                pad_id: int, seed: int, prox_reference: Sequence[torch.Tensor] | None = None,
+                loss_fn: LossFn = causal_lm_loss, desc: str = "local") -> dict[str, float]:
+    """Train the model's trainable parameters for ``steps`` optimizer steps.
+
+    AdamW with a per-round schedule, gradient accumulation, gradient clipping and an
+    optional FedProx proximal term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
+    Returns the mean training loss and the number of examples seen.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    batches = batch_iterator(train_ds, cfg.batch_size, pad_id, seed)
+    model.train()
+    losses: list[float] = []
+    seen = 0
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for _ in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            seen += batch["input_ids"].shape[0]
+            loss = loss_fn(model, batch) / cfg.grad_accum
+            if prox_reference is not None and cfg.proximal_mu > 0:
+                prox = sum(((p - r) ** 2).sum() for p, r in zip(params, prox_reference))
+                loss = loss + cfg.proximal_mu / 2 * prox / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss}; lower lr (now {cfg.lr})")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+    model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_examples": float(seen)}
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, ds: datasets.Dataset, batch_size: int,
+                  pad_id: int) -> float:
+    """Token-weighted mean cross-entropy of the model on ``ds`` (nan when empty)."""
+    if len(ds) == 0:
+        return float("nan")
+    model.eval()
+    total, tokens = 0.0, 0
+    rows = ds.select_columns(list(_MODEL_KEYS))
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows.select(range(start, min(len(rows), start + batch_size))).to_list(),
+                        pad_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        total += model(**batch).loss.item() * n
+        tokens += n
+    return total / tokens if tokens else float("nan")
