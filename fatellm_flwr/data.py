@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 from .config import Config
 
 log = logging.getLogger(__name__)
+if not sys.stderr.isatty():  # progress bars only for people watching a terminal
+    datasets.disable_progress_bars()
 
 DEFAULT_TEMPLATES = {
     "classification": "Classify the following text into one of these categories: {labels}."
@@ -163,7 +166,7 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, cfg: Config,
                      task_data: TaskData) -> datasets.Dataset:
     """Map :func:`encode_example` over ``ds`` (keeps the raw columns for evaluation)."""
     return ds.map(lambda row: encode_example(tokenizer, cfg, task_data, row),
-                  desc="tokenize", load_from_cache_file=False)
+                  desc="tokenize", load_from_cache_file=False, keep_in_memory=True)
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

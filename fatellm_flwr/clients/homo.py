@@ -12,6 +12,24 @@ from ..metrics import evaluate_model
 from ..models import get_trainable_state, load_peft_model, set_trainable_state
 from ..train import num_local_steps, train_local
 
+_TOKENIZED: dict[tuple, tuple] = {}
+
+
+def client_datasets(cfg: Config, tokenizer, partition_id: int, num_partitions: int):
+    """``(task_data, train, val_raw, val)`` of one partition, tokenized once per process.
+
+    Flower builds a new client object for every message; the simulation engine's actors
+    live across rounds, so the partition is split and tokenized only on first use.
+    """
+    key = (id(tokenizer), partition_id, num_partitions, cfg.max_length, cfg.val_fraction,
+           cfg.prompt_template, cfg.use_chat_template, cfg.dataset, cfg.seed)
+    if key not in _TOKENIZED:
+        data = federated_data(cfg, num_partitions)
+        train, val = data.client_split(partition_id, cfg.val_fraction, cfg.seed)
+        _TOKENIZED[key] = (data.task_data, tokenize_dataset(train, tokenizer, cfg, data.task_data),
+                           val, tokenize_dataset(val, tokenizer, cfg, data.task_data))
+    return _TOKENIZED[key]
+
 
 class HomoClient(NumPyClient):
     """Receives the global adapter, trains it locally, returns it with its example count."""
@@ -20,12 +38,8 @@ class HomoClient(NumPyClient):
         self.cfg = cfg
         self.partition_id = partition_id
         self.model, self.tokenizer = load_peft_model(cfg)
-        data = federated_data(cfg, num_partitions)
-        self.task_data = data.task_data
-        train, val = data.client_split(partition_id, cfg.val_fraction, cfg.seed)
-        self.train_raw, self.val_raw = train, val
-        self.train = tokenize_dataset(train, self.tokenizer, cfg, data.task_data)
-        self.val = tokenize_dataset(val, self.tokenizer, cfg, data.task_data)
+        self.task_data, self.train, self.val_raw, self.val = client_datasets(
+            cfg, self.tokenizer, partition_id, num_partitions)
 
     def get_parameters(self, config) -> list[np.ndarray]:
         return get_trainable_state(self.model)

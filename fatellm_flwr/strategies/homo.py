@@ -29,7 +29,10 @@ def build_aggregator(cfg: Config, initial: list[np.ndarray]) -> Strategy:
                   min_fit_clients=cfg.min_fit_clients,
                   min_evaluate_clients=1 if cfg.fraction_evaluate > 0 else 0,
                   min_available_clients=cfg.min_available_clients,
-                  initial_parameters=ndarrays_to_parameters(initial))
+                  initial_parameters=ndarrays_to_parameters(initial),
+                  # metrics are aggregated (and recorded) by TrackedStrategy
+                  fit_metrics_aggregation_fn=lambda _: {},
+                  evaluate_metrics_aggregation_fn=lambda _: {})
     lr = cfg.server_lr or _SERVER_LR_DEFAULT.get(cfg.aggregator, 1.0)
     if cfg.aggregator in ("fedavg", "fedprox"):
         return FedAvg(**common)
