@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fatellm_flwr.config import Config
+from fatellm_flwr.data import (
+    DataError,
+    TaskData,
+    build_federated_data,
+    encode_example,
+    label_distribution,
+    load_raw_dataset,
+    resolve_task,
+)
+from fatellm_flwr.models import load_tokenizer
+
+LABELS = ["sport", "business", "tech", "politics"]
+
+
+def write_classification(path, n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"text": f"article number {i} about {LABELS[i % 4]}", "label": LABELS[i % 4],
+             "category": f"src{rng.integers(0, 6)}"} for i in range(n)]
+    if path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_file_formats(tmp_path, suffix):
+    path = write_classification(tmp_path / f"d{suffix}", n=40)
+    ds = load_raw_dataset(Config.from_run_config({"dataset": str(path)}))
+    assert len(ds) == 40 and {"text", "label"} <= set(ds.column_names)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_raw_dataset(Config.from_run_config({"dataset": str(tmp_path / "none.jsonl")}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="could not read dataset file"):
+        load_raw_dataset(Config.from_run_config({"dataset": str(bad)}))
+    odd = tmp_path / "data.txt"
+    odd.write_text("x")
+    with pytest.raises(DataError, match="suffix '.txt'"):
+        load_raw_dataset(Config.from_run_config({"dataset": str(odd)}))
+
+
+def test_task_resolution_and_wrong_columns():
+    cfg = Config()
+    assert resolve_task(cfg, ["text", "label"]) == "classification"
+    assert resolve_task(cfg, ["instruction", "output", "input"]) == "instruction"
+    assert resolve_task(cfg, ["text"]) == "lm"
+    with pytest.raises(DataError, match=r"has columns \['question', 'answer'\]"):
+        resolve_task(cfg, ["question", "answer"])
+    with pytest.raises(DataError, match=r"needs columns \['label'\]"):
+        resolve_task(cfg.replace(task="classification"), ["text"])
+
+
+def _cfg(path, **kw):
+    return Config.from_run_config({"dataset": str(path), "test-size": 20, **kw})
+
+
+def test_iid_partitions_cover_the_pool_and_hold_out_the_test_set(tmp_path):
+    path = write_classification(tmp_path / "d.jsonl")
+    data = build_federated_data(_cfg(path, partitioner="iid"), 4)
+    sizes = [len(data.partition(i)) for i in range(4)]
+    assert sum(sizes) == len(data.pool) == 180 and len(data.test) == 20
+    test_texts = set(data.test["text"])
+    assert not test_texts & set(data.pool["text"])
+    # stratified test set: every label present
+    assert set(data.test["label"]) == set(LABELS)
+    train, val = data.client_split(0, 0.2, seed=0)
+    assert len(val) == int(sizes[0] * 0.2) and len(train) + len(val) == sizes[0]
+
+
+def test_dirichlet_skews_labels(tmp_path):
+    path = write_classification(tmp_path / "d.jsonl", n=400)
+    skew = build_federated_data(_cfg(path, partitioner="dirichlet", **{"dirichlet-alpha": 0.1}), 4)
+    iid = build_federated_data(_cfg(path, partitioner="iid"), 4)
+
+    def max_share(data):
+        shares = []
+        for i in range(4):
+            counts = label_distribution(data.partition(i), "label")
+            shares.append(max(counts.values()) / sum(counts.values()))
+        return float(np.mean(shares))
+
+    assert max_share(skew) > max_share(iid) + 0.2
+
+
+def test_pathological_and_natural(tmp_path):
+    path = write_classification(tmp_path / "d.jsonl", n=400)
+    data = build_federated_data(_cfg(path, partitioner="pathological",
+                                     **{"classes-per-client": 1}), 4)
+    for i in range(4):
+        assert len(label_distribution(data.partition(i), "label")) == 1
+    nat = build_federated_data(_cfg(path, partitioner="natural",
+                                    **{"partition-column": "category"}), 6)
+    cats = [set(nat.partition(i)["category"]) for i in range(6)]
+    assert all(len(c) == 1 for c in cats) and len(set.union(*cats)) == 6
+    grouped = build_federated_data(_cfg(path, partitioner="natural",
+                                        **{"partition-column": "category"}), 3)
+    assert all(len(set(grouped.partition(i)["category"])) == 2 for i in range(3))
+    with pytest.raises(DataError, match="cannot group the 6 values"):
+        build_federated_data(_cfg(path, partitioner="natural",
+                                  **{"partition-column": "category"}), 4)
+
+
+def test_more_clients_than_examples_is_a_clear_error(tmp_path):
+    path = write_classification(tmp_path / "d.jsonl", n=30)
+    with pytest.raises(DataError, match="cannot fill 50 client partitions"):
+        build_federated_data(_cfg(path, partitioner="iid", **{"test-size": 5}), 50)
+    with pytest.raises(DataError, match="test-size=40 leaves no training data"):
+        build_federated_data(_cfg(path, **{"test-size": 40}), 2)
+
+
+def test_encoding_masks_the_prompt_and_keeps_the_answer(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    cfg = Config.from_run_config({"max-length": 160})
+    td = TaskData("classification", ("business", "sport"))
+    row = {"text": "the team won the match " * 20, "label": "sport"}
+    enc = encode_example(tok, cfg, td, row)
+    assert len(enc["input_ids"]) <= 160
+    target = [t for t in enc["labels"] if t != -100]
+    assert tok.decode(target).startswith("sport")
+    # the instruction after the (shortened) article survives truncation
+    prompt = tok.decode(enc["input_ids"][: len(enc["labels"]) - len(target)])
+    assert prompt.rstrip().endswith("Answer with the category only.")
+    inst = TaskData("instruction", ())
+    enc = encode_example(tok, cfg, inst, {"instruction": "what is the capital of france ?",
+                                          "output": "paris is the capital .", "input": ""})
+    assert tok.decode([t for t in enc["labels"] if t != -100]).startswith("paris is the capital")
+    lm = encode_example(tok, cfg, TaskData("lm", ()), {"text": "hello how are you ?"})
+    assert lm["labels"] == lm["input_ids"]
