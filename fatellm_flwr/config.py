@@ -124,8 +124,10 @@ class Config:
                              "every round (round 0 = zero-shot base model).")
     eval_metric: str = _opt("auto", "Task metric: accuracy for classification, ROUGE-L for "
                             "instruction, perplexity for lm.", EVAL_METRICS)
-    accuracy_by: str = _opt("likelihood", "Classification accuracy: the most likely label, "
-                            "or greedy generation starting with the label.",
+    accuracy_by: str = _opt("likelihood", "Classification accuracy: `likelihood` picks the "
+                            "label whose first token is most likely after the prompt (labels "
+                            "with a shared first token: highest full-label log-likelihood); "
+                            "`generation`: greedy output starts with the label.",
                             ("likelihood", "generation"))
     eval_batch_size: int = _opt(8, "Evaluation batch size.", low=1)
     max_new_tokens: int = _opt(32, "Generation length for ROUGE-L.", low=1)

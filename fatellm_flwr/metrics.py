@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import TaskData, encode_example
+from .data import TaskData, collate, encode_example
 from .train import evaluate_loss
 
 
@@ -33,8 +33,10 @@ def classification_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
 
     ``likelihood``: the label whose tokens have the highest total log-probability after
     the prompt (one forward pass per prompt when every label is a single token, else one
-    per candidate). ``generation``: greedy generation, correct when the output starts
-    with the gold label word (case-insensitive).
+    per candidate). :func:`evaluate_model` uses the cheaper first-token rule of
+    :func:`loss_and_label_accuracy` whenever the labels start with distinct tokens.
+    ``generation``: greedy generation, correct when the output starts with the gold label
+    word (case-insensitive).
     """
     if not prompts:
         return float("nan")
@@ -70,10 +72,29 @@ def _left_padded(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def _right_padded(ids: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right padding keeps every real token at its true position (exact for absolute
+    position embeddings too)."""
+    n = max(len(i) for i in ids)
+    return {"input_ids": torch.tensor([list(i) + [pad] * (n - len(i)) for i in ids]),
+            "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
+
+
+def _logits_at(model, enc: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token after each row's ``positions`` token.
+
+    Soft-prompt PEFT models prepend virtual tokens to the logits: the offset is skipped.
+    """
+    logits = model(**enc).logits
+    offset = logits.shape[1] - enc["input_ids"].shape[1]
+    rows = torch.arange(logits.shape[0])
+    return torch.log_softmax(logits[rows, positions + offset].float(), dim=-1)
+
+
 def _next_token_logprobs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    enc = _left_padded(tokenizer, prompts)
-    logits = model(**enc).logits[:, -1, :].float()
-    return torch.log_softmax(logits, dim=-1)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    enc = _right_padded(ids, tokenizer.pad_token_id)
+    return _logits_at(model, enc, torch.tensor([len(i) - 1 for i in ids]))
 
 
 def _sequence_logprob(model, tokenizer, prompt: str, cand: list[list[int]]) -> torch.Tensor:
@@ -83,10 +104,12 @@ def _sequence_logprob(model, tokenizer, prompt: str, cand: list[list[int]]) -> t
     pad = tokenizer.pad_token_id
     ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    offset = logits.shape[1] - ids.shape[1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
     out = []
     for i, c in enumerate(cand):
-        pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(c))
+        pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(c)) + offset
         out.append(logp[i, pos, torch.tensor(c)].sum())
     return torch.stack(out)
 
@@ -117,6 +140,40 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
                           for p, r in zip(predictions, references)]))
 
 
+@torch.no_grad()
+def loss_and_label_accuracy(model: nn.Module, tokenized: datasets.Dataset,
+                            gold: Sequence[int], label_first_tokens: Sequence[int],
+                            batch_size: int, pad_id: int) -> tuple[float, float]:
+    """Loss and likelihood accuracy from ONE forward pass per batch.
+
+    Valid when every label starts with a distinct token: the label scores are then the
+    model's next-token log-probabilities right after the prompt, read from the same
+    logits that give the loss (the prompt is the ``-100`` prefix of each row's labels).
+    """
+    model.eval()
+    total, tokens, correct = 0.0, 0, 0
+    first = torch.tensor(label_first_tokens)
+    for start in range(0, len(tokenized), batch_size):
+        rows = tokenized.select(range(start, min(len(tokenized), start + batch_size)))
+        batch = collate(rows.select_columns(["input_ids", "attention_mask", "labels"]).to_list(),
+                        pad_id)
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # soft prompts
+        labels = batch["labels"]
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        nll = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask],
+                                                reduction="sum")
+        total += nll.item()
+        tokens += int(mask.sum())
+        prompt_len = (labels != -100).int().argmax(dim=1)  # first answer token
+        logp = torch.log_softmax(logits[torch.arange(len(rows)), prompt_len - 1], dim=-1)
+        pred = logp[:, first].argmax(dim=1)
+        correct += int((pred == torch.tensor(gold[start:start + len(rows)])).sum())
+    return (total / tokens if tokens else float("nan")), correct / max(1, len(tokenized))
+
+
 def task_metric_name(cfg: Config, task: str) -> str:
     if cfg.eval_metric != "auto":
         return cfg.eval_metric
@@ -127,9 +184,17 @@ def evaluate_model(model: nn.Module, tokenizer, raw: datasets.Dataset,
                    tokenized: datasets.Dataset, task_data: TaskData,
                    cfg: Config) -> dict[str, float]:
     """Loss, perplexity and the task metric of ``model`` on one evaluation set."""
+    metric = task_metric_name(cfg, task_data.task)
+    first = [c[0] for c in _label_token_ids(tokenizer, task_data.label_names)]
+    if (metric == "accuracy" and task_data.task == "classification" and len(raw)
+            and cfg.accuracy_by == "likelihood" and len(set(first)) == len(first)):
+        index = {name: i for i, name in enumerate(task_data.label_names)}
+        gold = [index[str(g)] for g in raw[cfg.label_column]]
+        loss, acc = loss_and_label_accuracy(model, tokenized, gold, first, cfg.eval_batch_size,
+                                            tokenizer.pad_token_id)
+        return {"loss": loss, "perplexity": perplexity(loss), "accuracy": acc}
     loss = evaluate_loss(model, tokenized, cfg.eval_batch_size, tokenizer.pad_token_id)
     out = {"loss": loss, "perplexity": perplexity(loss)}
-    metric = task_metric_name(cfg, task_data.task)
     if metric in ("accuracy", "rouge-l") and task_data.task != "lm" and len(raw):
         rows = raw.to_list()
         targets = [task_data.prompt_and_target(cfg, r)[1] for r in rows]

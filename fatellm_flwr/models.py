@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from torch import nn
 from .config import Config
 
 log = logging.getLogger(__name__)
+# bitsandbytes' 8-bit matmul warns on every call that fp32 inputs are cast to fp16
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -77,3 +78,56 @@ def test_comm_ledger_totals_and_json():
     assert t["bytes_up_per_client"] == 20 and t["up_pct_of_full_model"] == pytest.approx(2.0)
     again = CommLedger.from_json(ledger.to_json())
     assert again.round_totals(1) == t
+
+
+def test_fused_loss_and_accuracy_match_the_separate_computations(tiny_model_dir):
+    from fatellm_flwr.data import TaskData, tokenize_dataset
+    from fatellm_flwr.metrics import _prompt_of, loss_and_label_accuracy
+    from fatellm_flwr.models import load_base_model
+    from fatellm_flwr.train import evaluate_loss
+
+    path = str(tiny_model_dir("gpt2"))  # absolute positions: padding must not shift them
+    tok = load_tokenizer(path)
+    model = load_base_model(path)
+    labels = ("sport", "business", "tech")
+    first = [tok(w, add_special_tokens=False)["input_ids"][0] for w in labels]
+    assert len(set(first)) == 3
+    cfg = Config.from_run_config({"max-length": 96, "eval-batch-size": 3})
+    td = TaskData("classification", labels)
+    import datasets
+
+    raw = datasets.Dataset.from_list(
+        [{"text": t, "label": lab} for t, lab in [("the team won the match", "sport"),
+         ("shares rose in trading today", "business"), ("a new phone", "tech"),
+         ("the film got an award . hello", "sport"), ("paris", "tech")]])
+    tokd = tokenize_dataset(raw, tok, cfg, td)
+    gold = [labels.index(x) for x in raw["label"]]
+    loss, acc = loss_and_label_accuracy(model, tokd, gold, first, 2, tok.pad_token_id)
+    assert loss == pytest.approx(evaluate_loss(model, tokd, 5, tok.pad_token_id), rel=1e-5)
+    # first-token scoring agrees with an independent unpadded forward per example
+    preds = []
+    for row in raw.to_list():
+        ids = torch.tensor([tok(_prompt_of(tok, cfg, td, row), add_special_tokens=False)
+                            ["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        preds.append(int(torch.argmax(logits[first])))
+    assert acc == pytest.approx(np.mean([p == g for p, g in zip(preds, gold)]))
+
+
+def test_instruction_task_reports_rouge_l_from_generation(tiny_model_dir):
+    import datasets
+
+    from fatellm_flwr.data import TaskData, tokenize_dataset
+    from fatellm_flwr.metrics import evaluate_model
+    from fatellm_flwr.models import load_base_model
+
+    path = str(tiny_model_dir("llama"))
+    tok, model = load_tokenizer(path), load_base_model(path)
+    cfg = Config.from_run_config({"max-new-tokens": 4, "max-length": 64})
+    raw = datasets.Dataset.from_list([{"instruction": "what is the capital of france ?",
+                                       "input": "", "output": "paris is the capital ."}] * 3)
+    td = TaskData("instruction", ())
+    out = evaluate_model(model, tok, raw, tokenize_dataset(raw, tok, cfg, td), td, cfg)
+    assert set(out) == {"loss", "perplexity", "rouge-l"}
+    assert 0.0 <= out["rouge-l"] <= 1.0 and np.isfinite(out["loss"])
