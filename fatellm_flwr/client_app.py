@@ -8,6 +8,7 @@ from flwr.client import Client, ClientApp
 
 from .algorithms import get_algorithm
 from .config import Config
+from .mods import CLIENT_MODS
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -28,4 +29,4 @@ def client_fn(context: Context) -> Client:
     return client_cls(cfg, partition_id, num_partitions).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+app = ClientApp(client_fn=client_fn, mods=CLIENT_MODS)

@@ -119,6 +119,50 @@ class Config:
     fraction_evaluate: float = _opt(0.0, "Fraction of clients that evaluate on their "
                                     "validation split each round (0 = off).", low=0, high=1)
     min_available_clients: int = _opt(2, "Clients to wait for before a round starts.", low=1)
+    # --- privacy
+    dp_sgd: bool = _opt(False, "Sample-level DP-SGD (Opacus) on the clients' trainable "
+                        "parameters.")
+    dp_noise_multiplier: float = _opt(0.0, "DP-SGD noise multiplier (0 = derive it from "
+                                      "dp-target-epsilon).", low=0)
+    dp_target_epsilon: float = _opt(0.0, "DP-SGD target epsilon for the whole run (0 = use "
+                                    "dp-noise-multiplier).", low=0)
+    dp_delta: float = _opt(1e-5, "DP delta (sample-level and client-level).", low=0, high=1,
+                           low_open=True, high_open=True)
+    dp_max_grad_norm: float = _opt(1.0, "DP-SGD per-sample gradient clipping bound.", low=0,
+                                   low_open=True)
+    dp_max_epsilon: float = _opt(0.0, "Stop a client's training once its epsilon would exceed "
+                                 "this budget (0 = no budget).", low=0)
+    dp_accountant: str = _opt("rdp", "Privacy accountant.", ("rdp", "prv"))
+    client_dp: str = _opt("none", "Client-level DP on each client's update (DP-FedAvg): "
+                          "server-side or client-side fixed clipping, or adaptive clipping "
+                          "(server- or client-side).",
+                          ("none", "server-fixed", "client-fixed", "server-adaptive",
+                           "client-adaptive"))
+    client_dp_noise_multiplier: float = _opt(1.0, "Client-level DP noise multiplier.", low=0)
+    client_dp_clip_norm: float = _opt(1.0, "Client-level clipping norm (initial norm when "
+                                      "adaptive).", low=0, low_open=True)
+    client_dp_target_quantile: float = _opt(0.5, "Adaptive clipping: target quantile of "
+                                            "unclipped updates.", low=0, high=1)
+    client_dp_clip_lr: float = _opt(0.2, "Adaptive clipping: clip-norm learning rate.", low=0,
+                                    low_open=True)
+    secure_aggregation: bool = _opt(False, "Flower's SecAgg+ (the server only sees the sum of "
+                                    "the clients' updates).")
+    secagg_num_shares: float = _opt(3.0, "SecAgg+ shares per secret (> 1: a count; <= 1: a "
+                                    "fraction of the sampled clients).", low=0, low_open=True)
+    secagg_reconstruction_threshold: float = _opt(2.0, "SecAgg+ shares needed to reconstruct "
+                                                  "(count, or fraction when <= 1).", low=0,
+                                                  low_open=True)
+    secagg_clipping_range: float = _opt(8.0, "SecAgg+ clips each sent value to +-this before "
+                                        "quantizing (updates are sent as deltas).", low=0,
+                                        low_open=True)
+    secagg_quantization_range: int = _opt(16777216, "SecAgg+ quantization levels (2^24: "
+                                          "sums of up to 255 clients fit its 2^32 modulus).",
+                                          low=2)
+    secagg_max_weight: float = _opt(1000.0, "SecAgg+ largest client weight (number of "
+                                    "examples); the quantization step of an update is about "
+                                    "2 * clipping-range * max-weight / (levels * weight), so "
+                                    "set it close to the largest client's example count.",
+                                    low=0, low_open=True)
     # --- evaluation
     server_eval: bool = _opt(True, "Evaluate the global model on the held-out test set "
                              "every round (round 0 = zero-shot base model).")
@@ -137,6 +181,18 @@ class Config:
     resume_from: str = _opt("", "A previous run folder: continue from its last round.")
     save_every_round: bool = _opt(True, "Save the global adapter/model after every round.")
     plots: bool = _opt(True, "Write PNG plots at the end of the run.")
+    # --- fault injection (testing fault tolerance)
+    fail_partitions: str = _opt("", "Comma-separated partition ids whose fit raises an "
+                                "injected error (to exercise failure handling and SecAgg+ "
+                                "dropout); empty = none.")
+
+    @property
+    def failing_partitions(self) -> set[int]:
+        try:
+            return {int(p) for p in self.fail_partitions.split(",") if p.strip()}
+        except ValueError as e:
+            raise ConfigError(f"fail-partitions={self.fail_partitions!r} must be "
+                              "comma-separated integers") from e
 
     # ----------------------------------------------------------------------------------
     @classmethod
@@ -176,6 +232,7 @@ class Config:
         return names or None
 
     def _check_combinations(self) -> None:
+        _ = self.failing_partitions
         if self.min_available_clients < self.min_fit_clients:
             raise ConfigError(
                 f"min-available-clients={self.min_available_clients} is smaller than "
@@ -184,6 +241,25 @@ class Config:
             raise ConfigError("local-steps=0 and local-epochs=0: set one of them > 0")
         if self.aggregator == "fedprox" and self.proximal_mu == 0:
             raise ConfigError("aggregator='fedprox' needs proximal-mu > 0 (got 0)")
+        if self.dp_sgd and (self.dp_noise_multiplier > 0) == (self.dp_target_epsilon > 0):
+            raise ConfigError(
+                "dp-sgd=true needs exactly one of dp-noise-multiplier > 0 or "
+                f"dp-target-epsilon > 0 (got {self.dp_noise_multiplier} and "
+                f"{self.dp_target_epsilon})")
+        if self.secure_aggregation and self.client_dp.startswith("server-"):
+            raise ConfigError(
+                f"client-dp={self.client_dp!r} cannot run with secure-aggregation=true: "
+                "server-side clipping needs each client's individual update, which SecAgg+ "
+                "hides from the server; use client-dp='client-fixed' or 'client-adaptive'")
+        if self.secure_aggregation and self.algorithm == "fedkseed":
+            raise ConfigError(
+                "secure-aggregation=true does not apply to algorithm='fedkseed': its "
+                "(seed index, scalar) pairs are not summable vectors")
+        if self.secure_aggregation and (
+                self.secagg_reconstruction_threshold > self.secagg_num_shares):
+            raise ConfigError(
+                f"secagg-reconstruction-threshold={self.secagg_reconstruction_threshold} "
+                f"exceeds secagg-num-shares={self.secagg_num_shares}")
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:

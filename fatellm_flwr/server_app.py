@@ -8,7 +8,7 @@ from logging import INFO
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from .algorithms import get_algorithm
 from .config import Config
@@ -38,6 +38,11 @@ def build_strategy(cfg: Config):
     return strategy_cls(cfg, run), cfg.num_server_rounds
 
 
+def _count_or_fraction(value: float) -> int | float:
+    """SecAgg+ takes a count (> 1) or a fraction of the sampled clients (<= 1)."""
+    return int(value) if value > 1 else float(value)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = Config.from_run_config(context.run_config)
@@ -49,6 +54,15 @@ def main(grid: Grid, context: Context) -> None:
         return
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
                            strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    fit_workflow = None
+    if cfg.secure_aggregation:
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=_count_or_fraction(cfg.secagg_num_shares),
+            reconstruction_threshold=_count_or_fraction(cfg.secagg_reconstruction_threshold),
+            max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range,
+            quantization_range=cfg.secagg_quantization_range)
+        log(INFO, "Secure aggregation: SecAgg+ (%s shares, threshold %s)",
+            cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     summary = strategy.finish()
     log(INFO, "Summary (%s):\n%s", strategy.run.path, summary)

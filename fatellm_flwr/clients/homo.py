@@ -45,6 +45,9 @@ class HomoClient(NumPyClient):
         return get_trainable_state(self.model)
 
     def fit(self, parameters, config):
+        if self.partition_id in self.cfg.failing_partitions:
+            raise RuntimeError(f"injected failure of partition {self.partition_id} "
+                               "(fail-partitions)")
         set_trainable_state(self.model, parameters)
         server_round = int(config.get("server-round", 1))
         prox = None

@@ -10,6 +10,7 @@ atomically so ``resume-from`` continues where a run stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -34,6 +35,7 @@ from flwr.server.strategy import Strategy
 
 from ..config import Config
 from ..metrics import CommLedger
+from ..mods import KEY_ADAPTIVE, SEND_DELTA
 from ..outputs import RunDir
 
 
@@ -52,6 +54,36 @@ def weighted_mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[st
                 totals[k] = totals.get(k, 0.0) + n * float(v)
                 weights[k] = weights.get(k, 0.0) + n
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+
+
+def with_client_dp(cfg: Config, strategy: Strategy) -> Strategy:
+    """Wrap an aggregator with Flower's client-level DP wrapper for ``cfg.client_dp``.
+
+    DP-FedAvg (McMahan et al. 2018) with fixed clipping, or adaptive clipping (Andrew et
+    al. 2021), clipped on the server or on the clients (``clipping_mod``). Noise std is
+    ``noise * clip / min-fit-clients``: with more clients sampled the noise is
+    conservative.
+    """
+    from flwr.server.strategy import (
+        DifferentialPrivacyClientSideAdaptiveClipping,
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    if cfg.client_dp == "none":
+        return strategy
+    common = dict(noise_multiplier=cfg.client_dp_noise_multiplier,
+                  num_sampled_clients=cfg.min_fit_clients)
+    if cfg.client_dp.endswith("-fixed"):
+        cls = (DifferentialPrivacyServerSideFixedClipping if cfg.client_dp == "server-fixed"
+               else DifferentialPrivacyClientSideFixedClipping)
+        return cls(strategy, clipping_norm=cfg.client_dp_clip_norm, **common)
+    cls = (DifferentialPrivacyServerSideAdaptiveClipping if cfg.client_dp == "server-adaptive"
+           else DifferentialPrivacyClientSideAdaptiveClipping)
+    return cls(strategy, initial_clipping_norm=cfg.client_dp_clip_norm,
+               target_clipped_quantile=cfg.client_dp_target_quantile,
+               clip_norm_lr=cfg.client_dp_clip_lr, **common)
 
 
 class TrackedStrategy(Strategy):
@@ -74,6 +106,11 @@ class TrackedStrategy(Strategy):
         self.ledger.full_model_bytes = full_model_bytes
         self._round_start = time.perf_counter()
         self._pending: dict[int, dict[str, Any]] = {}
+
+    @property
+    def aggregator(self) -> Strategy:
+        """The aggregating strategy under any DP wrapper."""
+        return getattr(self.inner, "strategy", self.inner)
 
     # ----------------------------------------------------------------- hooks
     def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
@@ -118,6 +155,10 @@ class TrackedStrategy(Strategy):
         rnd = self.absolute(server_round)
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         extra = {"server-round": rnd, **self.fit_config(rnd)}
+        if self.cfg.secure_aggregation:
+            extra[SEND_DELTA] = True  # small values inside SecAgg+'s clipping range
+        if self.cfg.client_dp == "client-adaptive":
+            extra[KEY_ADAPTIVE] = True
         down = parameters_nbytes(parameters)
         for proxy, ins in instructions:
             ins.config.update(extra)
@@ -132,6 +173,9 @@ class TrackedStrategy(Strategy):
             log(WARNING, "round %d: a client failed and is left out: %s", rnd, reason)
         valid: list[tuple[ClientProxy, FitRes]] = []
         per_client: list[tuple[int, dict[str, Scalar]]] = []
+        # audit: how many distinct updates the server saw (1 under SecAgg+: only the sum)
+        distinct = len({hashlib.sha1(b"".join(r.parameters.tensors)).digest()
+                        for _, r in results})
         for proxy, res in results:
             self.ledger.add(rnd, str(proxy.cid), up=parameters_nbytes(res.parameters))
             reason = self.check_result(parameters_to_ndarrays(res.parameters))
@@ -139,11 +183,15 @@ class TrackedStrategy(Strategy):
                 log(WARNING, "round %d: dropping client %s (partition %s): %s", rnd, proxy.cid,
                     res.metrics.get("partition-id", "?"), reason)
                 continue
+            if self.cfg.secure_aggregation:  # the (aggregated) update came as a delta
+                res.parameters = ndarrays_to_parameters(
+                    [d + c for d, c in zip(parameters_to_ndarrays(res.parameters),
+                                           self.current)])
             valid.append((proxy, res))
             per_client.append((res.num_examples, res.metrics))
         record = self._pending.setdefault(rnd, {})
         record.update({"clients_ok": len(valid), "clients_failed": len(results) + len(failures)
-                       - len(valid)})
+                       - len(valid), "distinct_updates_seen": distinct})
         if not valid:
             log(WARNING, "round %d: no usable client result; keeping the previous global "
                 "state", rnd)

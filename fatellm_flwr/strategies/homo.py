@@ -15,7 +15,7 @@ from ..config import Config
 from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import evaluate_model
 from ..models import count_parameters, load_peft_model, save_adapter, set_trainable_state
-from .base import TrackedStrategy
+from .base import TrackedStrategy, with_client_dp
 
 _SERVER_LR_DEFAULT = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedavgm": 1.0}
 _OPT_STATE = ("m_t", "v_t", "momentum_vector")
@@ -52,7 +52,7 @@ class HomoStrategy(TrackedStrategy):
 
         initial = initial if initial is not None else get_trainable_state(self.model)
         _, total = count_parameters(self.model)
-        super().__init__(cfg, build_aggregator(cfg, initial), run, initial,
+        super().__init__(cfg, with_client_dp(cfg, build_aggregator(cfg, initial)), run, initial,
                          full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger)
         if strategy_state:
             self.load_strategy_state(strategy_state)
@@ -83,7 +83,7 @@ class HomoStrategy(TrackedStrategy):
     def strategy_state(self) -> dict[str, np.ndarray]:
         out = {}
         for attr in _OPT_STATE:
-            value = getattr(self.inner, attr, None)
+            value = getattr(self.aggregator, attr, None)
             if value is not None:
                 out.update({f"{attr}_{i:05d}": a for i, a in enumerate(value)})
         return out
@@ -92,4 +92,4 @@ class HomoStrategy(TrackedStrategy):
         for attr in _OPT_STATE:
             keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
             if keys:
-                setattr(self.inner, attr, [arrays[k] for k in keys])
+                setattr(self.aggregator, attr, [arrays[k] for k in keys])
