@@ -275,7 +275,20 @@ class TrackedStrategy(Strategy):
             self.run.plot()
         (self.run.path / "communication.json").write_text(
             json.dumps(self.ledger.to_json(), indent=2))
-        return self.run.summary_table()
+        return self.headline() + "\n" + self.run.summary_table()
+
+    def headline(self) -> str:
+        """``server_accuracy: 0.24 (round 0) -> 0.90 (round 3)`` for each server metric."""
+        recs = self.run.records
+        if not recs:
+            return ""
+        out = []
+        for key in ("server_accuracy", "server_rouge-l", "server_loss"):
+            pts = [(r["round"], r[key]) for r in recs if key in r]
+            if len(pts) >= 2:
+                out.append(f"{key}: {pts[0][1]:.4f} (round {pts[0][0]}) -> {pts[-1][1]:.4f} "
+                           f"(round {pts[-1][0]})")
+        return "\n".join(out)
 
 
 def _short(v: Any) -> str:
