@@ -26,7 +26,7 @@ def client_fn(context: Context) -> Client:
     partition_id, num_partitions = node_partition(context)
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     client_cls = get_algorithm(cfg).client_class()
-    return client_cls(cfg, partition_id, num_partitions).to_client()
+    return client_cls(cfg, partition_id, num_partitions, context=context).to_client()
 
 
 app = ClientApp(client_fn=client_fn, mods=CLIENT_MODS)

@@ -122,3 +122,68 @@ def evaluate_loss(model: nn.Module, ds: datasets.Dataset, batch_size: int,
         total += model(**batch).loss.item() * n
         tokens += n
     return total / tokens if tokens else float("nan")
+
+
+def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, steps: int,
+                   pad_id: int, seed: int, prior_history: Sequence[Sequence[float]] = (),
+                   desc: str = "local-dp") -> tuple[dict[str, float], list]:
+    """Sample-level DP-SGD (Abadi et al. 2016) via Opacus on the trainable parameters.
+
+    Poisson-sampled batches of expected size ``batch-size``, per-sample clipping to
+    ``dp-max-grad-norm``, Gaussian noise; AdamW on the privatised gradient. Gradient
+    accumulation and the FedProx term do not apply under DP. The accountant's history
+    (``prior_history`` + this round) is returned so the caller can persist it; training
+    stops early, with a logged message, once ``dp-max-epsilon`` (or the target epsilon)
+    would be exceeded. Returns ``(metrics, history)``.
+    """
+    import logging
+
+    from torch.utils.data import DataLoader
+
+    from .privacy.dp import PrivacyBudgetExhausted, attach_dp_sgd
+
+    log = logging.getLogger(__name__)
+    rows = train_ds.select_columns(list(_MODEL_KEYS)).to_list()
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                        collate_fn=lambda b: collate(b, pad_id))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    session = attach_dp_sgd(
+        model, optimizer, loader, max_grad_norm=cfg.dp_max_grad_norm,
+        noise_multiplier=cfg.dp_noise_multiplier or None,
+        target_epsilon=cfg.dp_target_epsilon or None, delta=cfg.dp_delta,
+        planned_steps=cfg.num_server_rounds * steps, accountant=cfg.dp_accountant,
+        max_epsilon=cfg.dp_max_epsilon or None, prior_history=prior_history,
+        noise_generator=torch.Generator().manual_seed(seed + 1))
+    losses: list[float] = []
+    stopped = ""
+    try:
+        batches = iter(())
+        bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
+        for _ in bar:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(session.batches())
+                batch = next(batches, None)
+                if batch is None:
+                    continue
+            try:
+                loss = session.step(batch)
+            except PrivacyBudgetExhausted as e:
+                stopped = str(e)
+                log.warning("DP budget reached, local training stops: %s", e)
+                break
+            if loss is not None:
+                losses.append(loss)
+    finally:
+        session.close()
+        for p in trainable:  # modules Opacus could not handle were frozen: unfreeze
+            p.requires_grad_(True)
+        model.eval()
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "train_examples": float(session.sample_rate * len(rows) * session.steps),
+               "dp_epsilon": session.epsilon(), "dp_noise_multiplier": session.noise_multiplier,
+               "dp_steps": float(session.steps), "dp_budget_reached": float(bool(stopped))}
+    return metrics, session.history()

@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
+from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 
 from ..config import Config
 from ..data import federated_data, tokenize_dataset
 from ..metrics import evaluate_model
 from ..models import get_trainable_state, load_peft_model, set_trainable_state
-from ..train import num_local_steps, train_local
+from ..train import num_local_steps, train_local, train_local_dp
 
 _TOKENIZED: dict[tuple, tuple] = {}
+_DP_HISTORY_KEY = "fatellm.dp-history"
+_DP_HISTORY_FALLBACK: dict[int, list] = {}
+
+
+def load_dp_history(context: Context | None, partition_id: int) -> list:
+    """This node's DP-SGD accounting history ``[(noise, sample_rate, steps), ...]``.
+
+    Kept in the node's Flower ``context.state`` (persists across rounds in simulation and
+    deployment); a process-level dict, per partition, serves when no context is given.
+    """
+    if context is None:
+        return _DP_HISTORY_FALLBACK.get(partition_id, [])
+    rec = context.state.config_records.get(_DP_HISTORY_KEY)
+    return json.loads(str(rec["history"])) if rec is not None else []
+
+
+def save_dp_history(context: Context | None, partition_id: int, history: list) -> None:
+    if context is None:
+        _DP_HISTORY_FALLBACK[partition_id] = list(history)
+        return
+    context.state.config_records[_DP_HISTORY_KEY] = ConfigRecord(
+        {"history": json.dumps([list(h) for h in history])})
 
 
 def client_datasets(cfg: Config, tokenizer, partition_id: int, num_partitions: int):
@@ -34,8 +59,10 @@ def client_datasets(cfg: Config, tokenizer, partition_id: int, num_partitions: i
 class HomoClient(NumPyClient):
     """Receives the global adapter, trains it locally, returns it with its example count."""
 
-    def __init__(self, cfg: Config, partition_id: int, num_partitions: int):
+    def __init__(self, cfg: Config, partition_id: int, num_partitions: int,
+                 context: Context | None = None):
         self.cfg = cfg
+        self.context = context
         self.partition_id = partition_id
         self.model, self.tokenizer = load_peft_model(cfg)
         self.task_data, self.train, self.val_raw, self.val = client_datasets(
@@ -56,9 +83,17 @@ class HomoClient(NumPyClient):
         steps = num_local_steps(self.cfg, len(self.train))
         seed = self.cfg.seed + 1000 * server_round + self.partition_id
         torch.manual_seed(seed)
-        metrics = train_local(self.model, self.train, self.cfg, steps=steps,
-                              pad_id=self.tokenizer.pad_token_id, seed=seed, prox_reference=prox,
-                              desc=f"client {self.partition_id} round {server_round}")
+        desc = f"client {self.partition_id} round {server_round}"
+        if self.cfg.dp_sgd:
+            metrics, history = train_local_dp(
+                self.model, self.train, self.cfg, steps=steps,
+                pad_id=self.tokenizer.pad_token_id, seed=seed,
+                prior_history=load_dp_history(self.context, self.partition_id), desc=desc)
+            save_dp_history(self.context, self.partition_id, history)
+        else:
+            metrics = train_local(self.model, self.train, self.cfg, steps=steps,
+                                  pad_id=self.tokenizer.pad_token_id, seed=seed,
+                                  prox_reference=prox, desc=desc)
         metrics["partition-id"] = self.partition_id
         metrics["local_steps"] = steps
         return get_trainable_state(self.model), len(self.train), metrics

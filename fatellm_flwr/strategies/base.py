@@ -45,15 +45,22 @@ def parameters_nbytes(parameters: Parameters) -> int:
 
 
 def weighted_mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric reported by the clients."""
+    """Example-weighted mean of every numeric metric reported by the clients.
+
+    Privacy spent (``*epsilon``) is the worst case over clients, not a mean.
+    """
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
+    worst: dict[str, float] = {}
     for n, metrics in pairs:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if k.endswith("epsilon"):
+                    worst[k] = max(worst.get(k, float("-inf")), float(v))
+                    continue
                 totals[k] = totals.get(k, 0.0) + n * float(v)
                 weights[k] = weights.get(k, 0.0) + n
-    return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+    return {**{k: totals[k] / weights[k] for k in totals if weights[k] > 0}, **worst}
 
 
 def with_client_dp(cfg: Config, strategy: Strategy) -> Strategy:
@@ -136,11 +143,15 @@ class TrackedStrategy(Strategy):
         return {}
 
     def strategy_state(self) -> dict[str, np.ndarray]:
-        """Aggregator state to checkpoint (server optimizer moments, seed histories...)."""
-        return {}
+        """State to checkpoint (server optimizer moments, seed histories, the adaptive
+        clipping norm...). Subclasses extend ``super().strategy_state()``."""
+        norm = getattr(self.inner, "clipping_norm", None)
+        return {} if norm is None else {"dp_clipping_norm": np.asarray(float(norm))}
 
     def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`strategy_state` saved."""
+        if "dp_clipping_norm" in arrays and hasattr(self.inner, "clipping_norm"):
+            self.inner.clipping_norm = float(arrays["dp_clipping_norm"])
 
     # ----------------------------------------------------------------- Flower API
     def absolute(self, server_round: int) -> int:
@@ -240,6 +251,7 @@ class TrackedStrategy(Strategy):
         record["server_eval_time_s"] = time.perf_counter() - t0
         if server_round > 0:
             record.update(self.ledger.round_totals(rnd))
+            record.update(self.client_dp_metrics(rnd))
             record["round_time_s"] = time.perf_counter() - self._round_start
             if self.cfg.save_every_round:
                 self.save_round(rnd, arrays, final=False)
@@ -252,6 +264,21 @@ class TrackedStrategy(Strategy):
         log(INFO, "[round %d] %s", rnd, shown)
         loss = metrics.get("loss", float("nan"))
         return float(loss), {k: v for k, v in metrics.items() if k != "loss"}
+
+    def client_dp_metrics(self, rounds: int) -> dict[str, float]:
+        """Client-level epsilon after ``rounds`` rounds (sampling rate = fraction-fit) and
+        the current clipping norm of the client-level DP wrapper."""
+        if self.cfg.client_dp == "none":
+            return {}
+        from ..privacy.client_dp import client_level_epsilon
+
+        out = {"client_dp_epsilon": client_level_epsilon(
+            self.cfg.client_dp_noise_multiplier, self.cfg.fraction_fit, rounds,
+            self.cfg.dp_delta, self.cfg.dp_accountant)}
+        norm = getattr(self.inner, "clipping_norm", None)
+        if norm is not None:
+            out["client_dp_clip_norm"] = float(norm)
+        return out
 
     # ----------------------------------------------------------------- checkpoint helpers
     def _checkpoint_arrays(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:

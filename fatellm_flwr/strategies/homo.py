@@ -81,7 +81,7 @@ class HomoStrategy(TrackedStrategy):
                      else self.run.round_dir(server_round))
 
     def strategy_state(self) -> dict[str, np.ndarray]:
-        out = {}
+        out = super().strategy_state()
         for attr in _OPT_STATE:
             value = getattr(self.aggregator, attr, None)
             if value is not None:
@@ -89,6 +89,7 @@ class HomoStrategy(TrackedStrategy):
         return out
 
     def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_strategy_state(arrays)
         for attr in _OPT_STATE:
             keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
             if keys:
