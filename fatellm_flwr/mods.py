@@ -55,15 +55,22 @@ def delta_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
 
 
 def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's client-side fixed/adaptive clipping mod when the server's wrapper asks."""
+    """Flower's client-side fixed/adaptive clipping mod when the server's wrapper asks; the
+    update then counts as one example, so every aggregate of clipped updates is uniform."""
     if not _is_train(msg) or "fitins.config" not in msg.content.config_records:
         return call_next(msg, ctxt)
     config = msg.content.config_records["fitins.config"]
     if KEY_CLIPPING_NORM not in config:
         return call_next(msg, ctxt)
-    if config.get(KEY_ADAPTIVE, False):
-        return adaptiveclipping_mod(msg, ctxt, call_next)
-    return fixedclipping_mod(msg, ctxt, call_next)
+    mod = adaptiveclipping_mod if config.get(KEY_ADAPTIVE, False) else fixedclipping_mod
+    out = mod(msg, ctxt, call_next)
+    if out.has_error():
+        return out
+    # DP-FedAvg averages clipped updates uniformly (also inside SecAgg+'s weighted sum)
+    fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    fit_res.num_examples = 1
+    out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out
 
 
 CLIENT_MODS = [secagg_mod, delta_mod, clipping_mod]

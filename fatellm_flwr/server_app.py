@@ -59,7 +59,9 @@ def main(grid: Grid, context: Context) -> None:
         fit_workflow = SecAggPlusWorkflow(
             num_shares=_count_or_fraction(cfg.secagg_num_shares),
             reconstruction_threshold=_count_or_fraction(cfg.secagg_reconstruction_threshold),
-            max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range,
+            # client-level DP sends every clipped update with weight 1 (uniform DP-FedAvg)
+            max_weight=1.0 if cfg.client_dp.startswith("client-") else cfg.secagg_max_weight,
+            clipping_range=cfg.secagg_clipping_range,
             quantization_range=cfg.secagg_quantization_range)
         log(INFO, "Secure aggregation: SecAgg+ (%s shares, threshold %s)",
             cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)

@@ -107,6 +107,9 @@ def run_flwr(flwr_env):
                               timeout=timeout, cwd=REPO)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"flwr run failed ({proc.returncode}):\n{out[-6000:]}"
+        # `flwr run --stream` exits 0 even when the ServerApp crashes: check it finished
+        assert "Summary (" in out or "Nothing to do" in out, \
+            f"the ServerApp did not finish:\n{out[-6000:]}"
         print(f"flwr run took {time.time() - t0:.1f}s")
         return out
 
@@ -130,3 +133,33 @@ def tiny_classification_file(tmp_path_factory):
             f.write(json.dumps({"text": f"{topics[label]} {rng.integers(1000)}",
                                 "label": label}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def execute_notebook(flwr_env):
+    """``execute_notebook(name)``: run notebooks/<name> top to bottom with tiny settings
+    (``FATELLM_NOTEBOOK_TINY=1``) in a fresh python3 kernel; returns the executed notebook
+    and all its text outputs joined.
+    The kernel gets the private Flower environment, so `flwr run` cells stay isolated."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    def run(name: str, timeout: int = 600):
+        path = REPO / "notebooks" / name
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, kernel_name="python3", timeout=timeout,
+                                resources={"metadata": {"path": str(REPO / "notebooks")}})
+        client.execute(env={**flwr_env, "FATELLM_NOTEBOOK_TINY": "1"})
+        return nb, notebook_text(nb)
+
+    return run
+
+
+def notebook_text(nb) -> str:
+    """Every text output of an executed notebook, joined (for assertions)."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") or "".join(
+                v for k, v in out.get("data", {}).items() if k == "text/plain"))
+    return "\n".join(parts)

@@ -63,36 +63,6 @@ def weighted_mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[st
     return {**{k: totals[k] / weights[k] for k in totals if weights[k] > 0}, **worst}
 
 
-def with_client_dp(cfg: Config, strategy: Strategy) -> Strategy:
-    """Wrap an aggregator with Flower's client-level DP wrapper for ``cfg.client_dp``.
-
-    DP-FedAvg (McMahan et al. 2018) with fixed clipping, or adaptive clipping (Andrew et
-    al. 2021), clipped on the server or on the clients (``clipping_mod``). Noise std is
-    ``noise * clip / min-fit-clients``: with more clients sampled the noise is
-    conservative.
-    """
-    from flwr.server.strategy import (
-        DifferentialPrivacyClientSideAdaptiveClipping,
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideAdaptiveClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
-
-    if cfg.client_dp == "none":
-        return strategy
-    common = dict(noise_multiplier=cfg.client_dp_noise_multiplier,
-                  num_sampled_clients=cfg.min_fit_clients)
-    if cfg.client_dp.endswith("-fixed"):
-        cls = (DifferentialPrivacyServerSideFixedClipping if cfg.client_dp == "server-fixed"
-               else DifferentialPrivacyClientSideFixedClipping)
-        return cls(strategy, clipping_norm=cfg.client_dp_clip_norm, **common)
-    cls = (DifferentialPrivacyServerSideAdaptiveClipping if cfg.client_dp == "server-adaptive"
-           else DifferentialPrivacyClientSideAdaptiveClipping)
-    return cls(strategy, initial_clipping_norm=cfg.client_dp_clip_norm,
-               target_clipped_quantile=cfg.client_dp_target_quantile,
-               clip_norm_lr=cfg.client_dp_clip_lr, **common)
-
-
 class TrackedStrategy(Strategy):
     """A Flower strategy with validation, accounting, evaluation and checkpoints.
 

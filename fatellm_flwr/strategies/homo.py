@@ -15,7 +15,8 @@ from ..config import Config
 from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import evaluate_model
 from ..models import count_parameters, load_peft_model, save_adapter, set_trainable_state
-from .base import TrackedStrategy, with_client_dp
+from .base import TrackedStrategy
+from .client_dp import with_client_dp
 
 _SERVER_LR_DEFAULT = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedavgm": 1.0}
 _OPT_STATE = ("m_t", "v_t", "momentum_vector")

@@ -1,0 +1,125 @@
+"""The app on a real Flower deployment over loopback: 1 SuperLink + 2 SuperNodes, 2 rounds.
+
+Unlike the simulation tests, this goes through `flower-superlink` / `flower-supernode`
+processes talking HTTP on 127.0.0.1, a `$FLWR_HOME/config.toml` SuperLink connection and
+`flwr run . <connection> --stream`, with each SuperNode picking its data partition from
+its own ``--node-config``. Every process is stopped by pid in teardown (see
+``tests/flower_procs.py``); logs go to ``tmp_path/logs`` and their tails into failures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if str(Path(__file__).parent) not in sys.path:  # pytest runs with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from flower_procs import BIN, FlowerDeployment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(
+    not (BIN / "flower-superlink").exists() or shutil.which("flwr", path=str(BIN)) is None,
+    reason="Flower's CLI executables are not installed next to this Python")
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def _write_dataset(path: Path, n: int = 60) -> Path:
+    topics = {"sport": "the team won the match", "business": "shares rose in trading",
+              "tech": "a new phone was released"}
+    with path.open("w") as f:
+        for i in range(n):
+            label = list(topics)[i % 3]
+            f.write(json.dumps({"text": f"{topics[label]} {i}", "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A running SuperLink with two SuperNodes (partitions 0 and 1 of 2); always torn down."""
+    dep = FlowerDeployment(tmp_path, connection="loopback")
+    try:
+        dep.start_superlink()
+        dep.start_supernodes([f"partition-id={i} num-partitions=2" for i in range(2)])
+        yield dep
+    finally:
+        dep.close()
+        assert not dep.procs.alive(), f"leaked processes: {dep.procs.alive()}"
+
+
+def test_homo_on_loopback_deployment(deployment, tmp_path):
+    from fatellm_flwr.testing import build_tiny_model
+
+    t0 = time.monotonic()
+    model = build_tiny_model("llama", tmp_path / "tiny-llama")
+    data = _write_dataset(tmp_path / "topics.jsonl")
+    out = tmp_path / "out"
+    run_config = {"model": str(model), "dataset": str(data), "test-size": 10,
+                  "max-examples": 0, "num-server-rounds": 2, "local-steps": 2,
+                  "batch-size": 4, "max-length": 48, "partitioner": "iid",
+                  "min-fit-clients": 2, "min-available-clients": 2,
+                  "fraction-evaluate": 0.0, "plots": False,
+                  "output-dir": str(out), "run-name": "deploy"}
+    overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+
+    code, log = deployment.flwr(
+        ["run", ".", deployment.connection, "--stream", "--run-config", overrides],
+        timeout=RUN_TIMEOUT_S, cwd=REPO, name="flwr-run")
+
+    def fail(msg: str) -> str:
+        return f"{msg}\n{deployment.diagnostics(40)}"
+
+    assert code is not None, fail(f"`flwr run` did not finish within {RUN_TIMEOUT_S}s")
+    assert code == 0, fail(f"`flwr run` exited with {code}")
+    m = re.search(r"started run (\d+)", log)
+    assert m, fail("`flwr run` printed no run id")
+
+    # the SuperLink agrees the run is over (with --stream, `flwr run` returns at its end)
+    code, ls_log = deployment.flwr(["ls", deployment.connection, "--run-id", m.group(1),
+                                    "--format", "json"], timeout=60, name="flwr-ls")
+    assert code == 0, fail(f"`flwr ls` exited with {code}")
+    runs = json.loads(ls_log[ls_log.index("{"):])["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], fail(ls_log)
+
+    run = out / "deploy"
+    assert (run / "metrics.json").exists(), fail(f"no metrics.json in {run}")
+    records = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1, 2], fail(json.dumps(records, indent=1))
+    for r in records:
+        assert math.isfinite(r["server_loss"]), fail(f"round {r['round']}: {r}")
+    for r in records[1:]:
+        assert r["clients_ok"] == 2 and r["clients_failed"] == 0, fail(f"{r}")
+        assert r["distinct_updates_seen"] == 2, fail(f"{r}")  # two partitions, two updates
+    assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
+
+    # the updates came from our two SuperNodes (the ledger is keyed by Flower node id)
+    ledger = json.loads((run / "communication.json").read_text())
+    node_ids = deployment.node_ids()
+    assert len(node_ids) == 2, fail(f"node ids in SuperNode logs: {node_ids}")
+    for rnd in ("1", "2"):
+        assert {int(k) for k in ledger["rounds"][rnd]} == set(node_ids.values()), \
+            fail(f"round {rnd} ledger {ledger['rounds'][rnd]} vs nodes {node_ids}")
+
+    from peft import PeftModel
+
+    from fatellm_flwr.models import load_base_model
+
+    adapted = PeftModel.from_pretrained(load_base_model(str(model)), run / "final")
+    assert adapted.peft_config["default"].peft_type.value == "LORA"
+    print(f"deployment run: {time.monotonic() - t0:.1f}s after the nodes came up")
