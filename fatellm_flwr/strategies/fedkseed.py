@@ -67,8 +67,13 @@ Replay cost
     has applied (:class:`~fatellm_flwr.clients.fedkseed.ZoModel`): moving to the next
     global model undoes its own local steps and applies the round's delta in one pass over
     the seeds that changed (<= clients x steps, <= K), fewer z generations than the round's
-    local training (3 per step) when <= 3 clients train per round. A fresh process
-    (deployment) reloads ``x0`` and replays every seed used so far once (<= K).
+    local training (3 per step, plus 2 forwards) when <= 3 clients train per round; with
+    more clients it grows towards K. A fresh process (deployment spawns one per message)
+    reloads ``x0`` and replays every seed used so far once: up to K z generations, which
+    for SmolLM2-135M on a loaded 2-core CPU took 2.6-3.8 s per seed (benchmarks/fedkseed_comm.py),
+    i.e. more than a round's training once thousands of seeds were used. Caching clients
+    carry the float32 residue of their own +eps/-2eps/+eps perturbation round trips (~1 ulp
+    per local step, a random walk); the server and freshly rebuilt clients do not.
 
 Server side
     The server holds its own copy of the model and moves it with the same
