@@ -29,6 +29,10 @@ class Algorithm:
 
 REGISTRY: dict[str, Algorithm] = {
     "homo": Algorithm("homo", "strategies.homo:HomoStrategy", "clients.homo:HomoClient"),
+    "offsite": Algorithm("offsite", "strategies.offsite:OffsiteStrategy",
+                         "clients.offsite:OffsiteClient"),
+    "fedkseed": Algorithm("fedkseed", "strategies.fedkseed:FedKSeedStrategy",
+                          "clients.fedkseed:FedKSeedClient"),
 }
 
 

@@ -119,6 +119,45 @@ class Config:
     fraction_evaluate: float = _opt(0.0, "Fraction of clients that evaluate on their "
                                     "validation split each round (0 = off).", low=0, high=1)
     min_available_clients: int = _opt(2, "Clients to wait for before a round starts.", low=1)
+    # --- fedkseed (zeroth-order full-parameter tuning, algorithm="fedkseed"; see
+    # strategies/fedkseed.py)
+    zo_num_seeds: int = _opt(4096, "FedKSeed: candidate seeds K drawn from `seed` (every local "
+                             "step perturbs all tuned weights along one of them).", low=1,
+                             high=2**31 - 1)
+    zo_eps: float = _opt(5e-4, "FedKSeed: perturbation scale of the two-point zeroth-order "
+                         "estimate.", low=0, low_open=True)
+    zo_lr: float = _opt(1e-5, "FedKSeed: learning rate of the zeroth-order steps (separate from "
+                        "the AdamW `lr`).", low=0, low_open=True)
+    zo_weight_decay: float = _opt(0.0, "FedKSeed: weight decay of the local ZO steps (2-D+ "
+                                  "tensors; not aggregated by the server, see "
+                                  "strategies/fedkseed.py).", low=0)
+    zo_grad_clip: float = _opt(0.0, "FedKSeed: skip a local step whose |scalar gradient| "
+                               "exceeds this (0 = off).", low=0)
+    zo_bias_loss_clip: float = _opt(1000.0, "FedKSeed: |g| clip used when scoring seeds for "
+                                    "probability-differentiated sampling.", low=0,
+                                    low_open=True)
+    zo_exclude_embeddings: bool = _opt(True, "FedKSeed: leave the input token embedding (and a "
+                                       "head tied to it) out of the tuned weights.")
+    # --- offsite (offsite-tuning, algorithm="offsite"; see strategies/offsite.py)
+    offsite_bottom: int = _opt(2, "Offsite: bottom decoder blocks that are trainable adapters "
+                               "(a).", low=0)
+    offsite_top: int = _opt(2, "Offsite: top decoder blocks that are trainable adapters (b).",
+                            low=0)
+    offsite_emulator_layers: int = _opt(6, "Offsite: middle blocks kept (uniform layer drop) in "
+                                        "the frozen emulator sent to clients (n <= layers - a - "
+                                        "b; checked against the model at server start-up).",
+                                        low=0)
+    offsite_distill: bool = _opt(False, "Offsite: distil the emulator's middle blocks on public "
+                                 "text (offsite-distill-dataset) before federation.")
+    offsite_distill_dataset: str = _opt("builtin:chatterbot", "Offsite: public text for "
+                                        "distillation (`builtin:<name>`, a local file or a hub "
+                                        "name; never the clients' data).")
+    offsite_distill_steps: int = _opt(50, "Offsite: distillation optimizer steps.", low=1)
+    offsite_distill_lr: float = _opt(1e-4, "Offsite: distillation learning rate (AdamW).",
+                                     low=0, low_open=True)
+    offsite_lora: bool = _opt(False, "Offsite: clients train LoRA (lora-r/alpha/dropout, "
+                              "target-modules) on the adapter blocks and send them merged, "
+                              "instead of fully fine-tuning the adapter blocks.")
     # --- privacy
     dp_sgd: bool = _opt(False, "Sample-level DP-SGD (Opacus) on the clients' trainable "
                         "parameters.")
