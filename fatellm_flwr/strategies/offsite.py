@@ -42,7 +42,8 @@ counts the frozen bytes in the round they travel, plus the config strings.
 Client-side clipping (``client-dp`` = client-fixed/client-adaptive) is rejected: Flower's
 clipping mods subtract what the server sent from what the client returns with a strict
 zip, which fails in rounds that also carry the frozen emulator. Server-side DP, DP-SGD
-and SecAgg+ (deltas on the adapters: the frozen arrays come after them) work.
+and SecAgg+ work (SecAgg+'s delta mod pairs the returned adapters with the first arrays
+received, the adapters; its float64 aggregate is cast back to float32 for the wire).
 
 Server evaluation, every round, on the held-out test set (record keys ``server_*``):
 ``full_zeroshot_*`` (full model, original adapters; computed once), ``emulator_original_*``
@@ -314,9 +315,13 @@ class OffsiteStrategy(TrackedStrategy):
                 "is left out of this round and gets the frozen part again next time", rnd,
                 proxy.cid, res.metrics.get("partition-id", "?"))
         usable = [(p, r) for p, r in results if not r.metrics.get(METRIC_NEED_EMULATOR)]
-        out = super().aggregate_fit(server_round, usable, failures)
+        params, metrics = super().aggregate_fit(server_round, usable, failures)
         self._pending.setdefault(rnd, {})["clients_need_emulator"] = len(need)
-        return out
+        if params is not None and any(a.dtype != np.float32 for a in self.current):
+            # SecAgg+ dequantizes to float64: keep the wire (and the ledger) at float32
+            self.current = [a.astype(np.float32) for a in self.current]
+            params = ndarrays_to_parameters(self.current)
+        return params, metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         instructions = super().configure_evaluate(server_round, parameters, client_manager)
