@@ -104,8 +104,9 @@ class Config:
     proximal_mu: float = _opt(0.0, "FedProx proximal term mu (0 = off).", low=0)
     # --- server
     aggregator: str = _opt("fedavg", "Server aggregation.", AGGREGATORS)
-    server_lr: float = _opt(1.0, "Server learning rate (fedadam/fedyogi/fedavgm).", low=0,
-                            low_open=True)
+    server_lr: float = _opt(0.0, "Server learning rate (fedadam/fedyogi/fedavgm); 0 = the "
+                            "aggregator's default: 0.01 for fedadam/fedyogi, 1.0 for fedavgm.",
+                            low=0)
     server_momentum: float = _opt(0.9, "Server momentum (fedavgm).", low=0, high=1,
                                   high_open=True)
     beta1: float = _opt(0.9, "First moment decay (fedadam/fedyogi).", low=0, high=1,
@@ -339,13 +340,24 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
-def config_table_markdown() -> str:
-    """The README table of every run-config key with its default and meaning."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+def config_table_markdown(app_config: Mapping[str, Any] | None = None) -> str:
+    """The README table of every run-config key with its default and meaning.
+
+    ``app_config`` is ``[tool.flwr.app.config]`` of pyproject.toml: what ``flwr run .``
+    uses. Where it differs from the library default (:class:`Config`), both are shown.
+    """
+
+    def show(v: Any) -> str:
+        return f"`{str(v).lower() if isinstance(v, bool) else repr(v)}`"
+
+    app_config = app_config or {}
+    rows = ["| key | `flwr run .` default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(Config):
-        default = f.default
-        shown = str(default).lower() if isinstance(default, bool) else repr(default)
+        key = f.name.replace("_", "-")
+        shown = show(f.default)
+        if key in app_config and app_config[key] != f.default:
+            shown = f"{show(app_config[key])} (library: {shown})"
         choices = f.metadata.get("choices")
         help_ = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        rows.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {help_} |")
+        rows.append(f"| `{key}` | {shown} | {help_} |")
     return "\n".join(rows)

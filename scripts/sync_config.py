@@ -44,7 +44,8 @@ def sync_readme() -> None:
     start = text.index(marker) + len(marker)
     nxt = re.search(r"\n#+ ", text[start:])
     end = start + nxt.start() if nxt else len(text)
-    path.write_text(text[:start] + "\n" + config_table_markdown() + "\n" + text[end:])
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    path.write_text(text[:start] + "\n" + config_table_markdown(app) + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -62,5 +62,6 @@ def test_int_accepts_integral_float_and_bool_strings():
 
 def test_readme_table_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert config_table_markdown() in readme, "regenerate the README table: " \
-        "python -c 'from fatellm_flwr.config import config_table_markdown as t; print(t())'"
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config_table_markdown(app) in readme, \
+        "regenerate the README table: python scripts/sync_config.py"
