@@ -15,9 +15,12 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 if str(Path(__file__).parent) not in sys.path:  # pytest runs with --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
@@ -63,19 +66,17 @@ def deployment(tmp_path):
         assert not dep.procs.alive(), f"leaked processes: {dep.procs.alive()}"
 
 
-def test_homo_on_loopback_deployment(deployment, tmp_path):
-    from fatellm_flwr.testing import build_tiny_model
-
-    t0 = time.monotonic()
-    model = build_tiny_model("llama", tmp_path / "tiny-llama")
+def _run(deployment, tmp_path: Path, extra: dict) -> tuple[Path, list[dict], Callable[[str], str]]:
+    """``flwr run`` (2 rounds unless ``extra`` says otherwise) on the deployment; the checks
+    every algorithm shares; ``(run dir, records, fail)``."""
     data = _write_dataset(tmp_path / "topics.jsonl")
     out = tmp_path / "out"
-    run_config = {"model": str(model), "dataset": str(data), "test-size": 10,
+    run_config = {"dataset": str(data), "test-size": 10,
                   "max-examples": 0, "num-server-rounds": 2, "local-steps": 2,
                   "batch-size": 4, "max-length": 48, "partitioner": "iid",
                   "min-fit-clients": 2, "min-available-clients": 2,
                   "fraction-evaluate": 0.0, "plots": False,
-                  "output-dir": str(out), "run-name": "deploy"}
+                  "output-dir": str(out), "run-name": "deploy", **extra}
     overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
 
     code, log = deployment.flwr(
@@ -100,26 +101,77 @@ def test_homo_on_loopback_deployment(deployment, tmp_path):
     run = out / "deploy"
     assert (run / "metrics.json").exists(), fail(f"no metrics.json in {run}")
     records = json.loads((run / "metrics.json").read_text())
-    assert [r["round"] for r in records] == [0, 1, 2], fail(json.dumps(records, indent=1))
+    rounds = run_config["num-server-rounds"]
+    assert [r["round"] for r in records] == list(range(rounds + 1)), \
+        fail(json.dumps(records, indent=1))
     for r in records:
         assert math.isfinite(r["server_loss"]), fail(f"round {r['round']}: {r}")
     for r in records[1:]:
         assert r["clients_ok"] == 2 and r["clients_failed"] == 0, fail(f"{r}")
         assert r["distinct_updates_seen"] == 2, fail(f"{r}")  # two partitions, two updates
-    assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
+    assert json.loads((run / "checkpoint.json").read_text())["round"] == rounds
 
     # the updates came from our two SuperNodes (the ledger is keyed by Flower node id)
     ledger = json.loads((run / "communication.json").read_text())
     node_ids = deployment.node_ids()
     assert len(node_ids) == 2, fail(f"node ids in SuperNode logs: {node_ids}")
-    for rnd in ("1", "2"):
+    for rnd in map(str, range(1, rounds + 1)):
         assert {int(k) for k in ledger["rounds"][rnd]} == set(node_ids.values()), \
             fail(f"round {rnd} ledger {ledger['rounds'][rnd]} vs nodes {node_ids}")
+    return run, records, fail
 
+
+def test_homo_on_loopback_deployment(deployment, tmp_path):
     from peft import PeftModel
 
     from fatellm_flwr.models import load_base_model
+    from fatellm_flwr.testing import build_tiny_model
 
+    t0 = time.monotonic()
+    model = build_tiny_model("llama", tmp_path / "tiny-llama")
+    run, _, _ = _run(deployment, tmp_path, {"model": str(model)})
     adapted = PeftModel.from_pretrained(load_base_model(str(model)), run / "final")
     assert adapted.peft_config["default"].peft_type.value == "LORA"
     print(f"deployment run: {time.monotonic() - t0:.1f}s after the nodes came up")
+
+
+def test_fedkseed_on_loopback_deployment(deployment, tmp_path):
+    """Each round's ClientApp is a fresh process: the node's Flower state carries the
+    coefficient vector it holds, so round 3 gets only round 2's difference (round 2's
+    difference from x0 is round 1's update, the whole vector by definition)."""
+    from transformers import AutoModelForCausalLM
+
+    from fatellm_flwr.testing import build_tiny_model
+
+    model = build_tiny_model("llama", tmp_path / "tiny-llama")
+    run, records, fail = _run(deployment, tmp_path, {
+        "model": str(model), "algorithm": "fedkseed", "local-steps": 5, "zo-lr": 1e-3,
+        "zo-eps": 1e-3, "zo-num-seeds": 256, "num-server-rounds": 3})
+    for r in records[1:]:
+        assert r["bytes_up_per_client"] == 8 * 5 + 256, fail(f"{r}")
+        assert r["clients_need_full"] == 0, fail(f"{r}")
+    assert records[3]["zo_full_sends"] == 0, fail(f"{records[3]}")
+    assert records[3]["fit_zo_full_rebuild"] == 0, fail(f"{records[3]}")
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert np.isfinite(final(torch.tensor([[4, 5, 6]])).logits.detach().numpy()).all()
+
+
+def test_offsite_on_loopback_deployment(deployment, tmp_path):
+    """The frozen emulator travels once per node and survives, in the node's Flower state,
+    the fresh ClientApp process of the next round."""
+    from transformers import AutoModelForCausalLM
+
+    from fatellm_flwr.testing import build_tiny_model
+
+    model = build_tiny_model("llama", tmp_path / "deep-llama", num_layers=8)
+    run, records, fail = _run(deployment, tmp_path, {
+        "model": str(model), "algorithm": "offsite", "offsite-bottom": 2, "offsite-top": 2,
+        "offsite-emulator-layers": 2, "lr": 5e-3})
+    r0, r1, r2 = records
+    adapters, frozen = r0["offsite_adapter_bytes"], r0["offsite_frozen_emulator_bytes"]
+    assert r1["bytes_down_per_client"] > adapters + frozen, fail(f"{r1}")
+    assert adapters <= r2["bytes_down_per_client"] < adapters + 20_000, fail(f"{r2}")
+    assert r2["clients_need_emulator"] == 0, fail(f"{r2}")
+    assert r2["server_plugin_loss"] != r0["server_plugin_loss"], fail(f"{records}")
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert np.isfinite(final(torch.tensor([[4, 5, 6]])).logits.detach().numpy()).all()
