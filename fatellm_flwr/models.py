@@ -7,6 +7,7 @@ only trainable tensors travel: named, in a stable order, as float32 numpy arrays
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -57,6 +58,13 @@ def check_quantization_support(quantization: str) -> None:
             f"{bnb.__version__} on {device}: {type(e).__name__}: {e}. It needs a CUDA GPU, "
             f"or bitsandbytes>=0.46 with CPU kernels; use quantization='none' otherwise."
         ) from e
+
+
+@functools.lru_cache(maxsize=1)
+def cached_tokenizer(model_ref: str, gguf_file: str = ""):
+    """:func:`load_tokenizer`, kept per process: for clients that never load the model's
+    weights (FedKSeed rebuilds them itself; offsite-tuning clients get an emulator)."""
+    return load_tokenizer(model_ref, gguf_file)
 
 
 def load_tokenizer(model_ref: str, gguf_file: str = ""):

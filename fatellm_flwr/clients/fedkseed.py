@@ -38,7 +38,7 @@ from flwr.client import NumPyClient
 
 from ..config import Config
 from ..metrics import evaluate_model
-from ..models import load_base_model, load_tokenizer
+from ..models import cached_tokenizer, load_base_model
 from ..train import batch_iterator, num_local_steps
 from ..zo import (
     SeedHistory,
@@ -256,7 +256,6 @@ class ZoModel:
 
 
 _MODELS: dict[tuple, ZoModel] = {}
-_TOKENIZERS: dict[tuple, object] = {}
 _NODE_FALLBACK: dict[int, tuple[str, int, np.ndarray]] = {}
 
 
@@ -281,12 +280,6 @@ def clear_model_cache() -> None:
     _NODE_FALLBACK.clear()
 
 
-def _tokenizer(cfg: Config):
-    key = (cfg.model, cfg.gguf_file)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[key] = load_tokenizer(cfg.model, cfg.gguf_file)
-    return _TOKENIZERS[key]
 
 
 # ------------------------------------------------------------------ the client
@@ -298,7 +291,7 @@ class FedKSeedClient(NumPyClient):
         self.cfg = cfg
         self.context = context
         self.partition_id = partition_id
-        self.tokenizer = _tokenizer(cfg)
+        self.tokenizer = cached_tokenizer(cfg.model, cfg.gguf_file)
         self.task_data, self.train, self.val_raw, self.val = client_datasets(
             cfg, self.tokenizer, partition_id, num_partitions)
         self.k = cfg.zo_num_seeds

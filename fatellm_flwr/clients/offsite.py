@@ -39,7 +39,7 @@ from ..emulator import (
     merge_lora,
 )
 from ..metrics import evaluate_model
-from ..models import build_peft_config, load_tokenizer
+from ..models import build_peft_config, cached_tokenizer
 from ..train import num_local_steps, train_local, train_local_dp
 from .homo import client_datasets, load_dp_history, save_dp_history
 
@@ -56,7 +56,6 @@ STATE_ARRAYS = "fatellm.offsite-emulator"
 STATE_META = "fatellm.offsite-emulator-meta"
 
 _EMULATORS: dict[str, nn.Module] = {}  # emulator id -> built emulator (one per process)
-_TOKENIZERS: dict[tuple, object] = {}
 
 
 def arch_config(arch_json: str):
@@ -97,12 +96,6 @@ def get_named(model: nn.Module, names: list[str]) -> list[np.ndarray]:
     return [params[n].detach().to("cpu", torch.float32).numpy().copy() for n in names]
 
 
-def _tokenizer(cfg: Config):
-    key = (cfg.model, cfg.gguf_file)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[key] = load_tokenizer(cfg.model, cfg.gguf_file)
-    return _TOKENIZERS[key]
 
 
 def clear_emulator_cache() -> None:
@@ -117,7 +110,8 @@ class OffsiteClient(NumPyClient):
         self.cfg = cfg
         self.context = context
         self.partition_id = partition_id
-        self.tokenizer = _tokenizer(cfg)  # tokenizer files only: the weights never load here
+        # tokenizer files only: the full model's weights never load here
+        self.tokenizer = cached_tokenizer(cfg.model, cfg.gguf_file)
         self.task_data, self.train, self.val_raw, self.val = client_datasets(
             cfg, self.tokenizer, partition_id, num_partitions)
 

@@ -34,9 +34,13 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from ..config import Config
+from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import CommLedger
 from ..mods import KEY_ADAPTIVE, SEND_DELTA
 from ..outputs import RunDir
+
+# server-optimizer state of Flower's FedAdam/FedYogi (m_t, v_t) and FedAvgM (momentum)
+_OPT_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def parameters_nbytes(parameters: Parameters) -> int:
@@ -83,6 +87,7 @@ class TrackedStrategy(Strategy):
         self.ledger.full_model_bytes = full_model_bytes
         self._round_start = time.perf_counter()
         self._pending: dict[int, dict[str, Any]] = {}
+        self._test: tuple | None = None
 
     @property
     def aggregator(self) -> Strategy:
@@ -112,16 +117,35 @@ class TrackedStrategy(Strategy):
         """Extra config sent to clients with each fit instruction."""
         return {}
 
+    def test_sets(self) -> tuple:
+        """``(task data, raw test set, tokenized test set)`` of the server's held-out split,
+        tokenized once with the subclass's ``self.tokenizer``."""
+        if self._test is None:
+            task_data, _, test, _ = split_pool_and_test(self.cfg)
+            self._test = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
+                                                            task_data))
+        return self._test
+
     def strategy_state(self) -> dict[str, np.ndarray]:
-        """State to checkpoint (server optimizer moments, seed histories, the adaptive
-        clipping norm...). Subclasses extend ``super().strategy_state()``."""
+        """State to checkpoint: the server optimizer's moments (fedadam/fedyogi/fedavgm),
+        the adaptive clipping norm; subclasses extend ``super().strategy_state()`` (seed
+        histories...)."""
         norm = getattr(self.inner, "clipping_norm", None)
-        return {} if norm is None else {"dp_clipping_norm": np.asarray(float(norm))}
+        out = {} if norm is None else {"dp_clipping_norm": np.asarray(float(norm))}
+        for attr in _OPT_STATE:
+            value = getattr(self.aggregator, attr, None)
+            if value is not None:
+                out.update({f"{attr}_{i:05d}": a for i, a in enumerate(value)})
+        return out
 
     def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`strategy_state` saved."""
         if "dp_clipping_norm" in arrays and hasattr(self.inner, "clipping_norm"):
             self.inner.clipping_norm = float(arrays["dp_clipping_norm"])
+        for attr in _OPT_STATE:
+            keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
+            if keys:
+                setattr(self.aggregator, attr, [arrays[k] for k in keys])
 
     # ----------------------------------------------------------------- Flower API
     def absolute(self, server_round: int) -> int:

@@ -118,7 +118,6 @@ from ..clients.fedkseed import (
     upload_problem,
 )
 from ..config import Config, ConfigError
-from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import evaluate_model
 from ..models import count_parameters, load_base_model, load_tokenizer, save_adapter
 from ..outputs import atomic_write_bytes
@@ -277,7 +276,6 @@ class FedKSeedStrategy(TrackedStrategy):
         if strategy_state:
             self.load_strategy_state(strategy_state)
         self._sent: dict[tuple[str, int], tuple[int, set[str]]] = {}
-        self._test = None
         if round_offset == 0:
             self._pending.setdefault(0, {}).update({
                 "zo_num_seeds": cfg.zo_num_seeds, "zo_tuned_params": tuned,
@@ -369,15 +367,8 @@ class FedKSeedStrategy(TrackedStrategy):
         return super().aggregate_evaluate(server_round, usable, failures)
 
     # ------------------------------------------------------------------ evaluation, saving
-    def _test_sets(self):
-        if self._test is None:
-            task_data, _, test, _ = split_pool_and_test(self.cfg)
-            self._test = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
-                                                            task_data))
-        return self._test
-
     def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        task_data, raw, tokenized = self._test_sets()
+        task_data, raw, tokenized = self.test_sets()
         if len(raw) == 0:
             return {}
         self.zmodel.move_to(arrays[0])

@@ -12,14 +12,12 @@ import numpy as np
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from ..config import Config
-from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import evaluate_model
 from ..models import count_parameters, load_peft_model, save_adapter, set_trainable_state
 from .base import TrackedStrategy
 from .client_dp import with_client_dp
 
 _SERVER_LR_DEFAULT = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedavgm": 1.0}
-_OPT_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def build_aggregator(cfg: Config, initial: list[np.ndarray]) -> Strategy:
@@ -57,20 +55,12 @@ class HomoStrategy(TrackedStrategy):
                          full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger)
         if strategy_state:
             self.load_strategy_state(strategy_state)
-        self._test = None
 
     def fit_config(self, server_round: int) -> dict:
         return {"proximal-mu": self.cfg.proximal_mu}
 
-    def _test_sets(self):
-        if self._test is None:
-            task_data, _, test, _ = split_pool_and_test(self.cfg)
-            self._test = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
-                                                            task_data))
-        return self._test
-
     def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        task_data, raw, tokenized = self._test_sets()
+        task_data, raw, tokenized = self.test_sets()
         if len(raw) == 0:
             return {}
         set_trainable_state(self.model, arrays)
@@ -80,18 +70,3 @@ class HomoStrategy(TrackedStrategy):
         set_trainable_state(self.model, arrays)
         save_adapter(self.model, self.run.path / "final" if final
                      else self.run.round_dir(server_round))
-
-    def strategy_state(self) -> dict[str, np.ndarray]:
-        out = super().strategy_state()
-        for attr in _OPT_STATE:
-            value = getattr(self.aggregator, attr, None)
-            if value is not None:
-                out.update({f"{attr}_{i:05d}": a for i, a in enumerate(value)})
-        return out
-
-    def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
-        super().load_strategy_state(arrays)
-        for attr in _OPT_STATE:
-            keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
-            if keys:
-                setattr(self.aggregator, attr, [arrays[k] for k in keys])

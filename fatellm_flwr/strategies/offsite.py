@@ -78,7 +78,7 @@ from ..clients.offsite import (
     set_named,
 )
 from ..config import Config, ConfigError
-from ..data import collate, load_raw_dataset, split_pool_and_test, tokenize_dataset
+from ..data import collate, load_raw_dataset
 from ..emulator import (
     OffsiteSplit,
     adapter_parameter_names,
@@ -94,7 +94,7 @@ from ..models import count_parameters, load_base_model, load_tokenizer, save_ada
 from ..outputs import atomic_write_bytes, atomic_write_json
 from .base import TrackedStrategy, parameters_nbytes
 from .client_dp import with_client_dp
-from .homo import _OPT_STATE, build_aggregator
+from .homo import build_aggregator
 
 DISTILLED_FILE = "offsite-distilled-emulator.safetensors"
 DISTILL_LOG = "offsite-distill.json"
@@ -225,7 +225,6 @@ class OffsiteStrategy(TrackedStrategy):
         self.adapter_bytes = int(sum(a.nbytes for a in self.original))
         self._sent_emulator: set[str] = set()  # nodes (cids) holding the frozen part
         self._baseline: tuple[dict, dict] | None = None
-        self._test = None
         s = self.split
         info = {"offsite_layers": s.num_layers, "offsite_emulator_blocks": s.emulator_size,
                 "offsite_adapter_bytes": self.adapter_bytes,
@@ -337,19 +336,12 @@ class OffsiteStrategy(TrackedStrategy):
         """Write adapter arrays into the full model's adapter blocks."""
         plug_in(self.full, self.adapter_state(arrays), self.split)
 
-    def _test_sets(self):
-        if self._test is None:
-            task_data, _, test, _ = split_pool_and_test(self.cfg)
-            self._test = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
-                                                            task_data))
-        return self._test
-
     def _eval(self, model) -> dict[str, float]:
-        task_data, raw, tokenized = self._test_sets()
+        task_data, raw, tokenized = self.test_sets()
         return evaluate_model(model, self.tokenizer, raw, tokenized, task_data, self.cfg)
 
     def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        if len(self._test_sets()[1]) == 0:
+        if len(self.test_sets()[1]) == 0:
             return {}
         if self._baseline is None:
             set_named(self.emulator, self.adapter_names, self.original)
@@ -374,19 +366,3 @@ class OffsiteStrategy(TrackedStrategy):
         save_adapter(_WithTokenizer(self.full, self.tokenizer),
                      self.run.path / "final" if final else self.run.round_dir(server_round))
 
-    # ------------------------------------------------------------------ checkpoint
-    def strategy_state(self) -> dict[str, np.ndarray]:
-        """Base state + server optimizer moments (fedadam/fedyogi/fedavgm)."""
-        out = super().strategy_state()
-        for attr in _OPT_STATE:
-            value = getattr(self.aggregator, attr, None)
-            if value is not None:
-                out.update({f"{attr}_{i:05d}": a for i, a in enumerate(value)})
-        return out
-
-    def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
-        super().load_strategy_state(arrays)
-        for attr in _OPT_STATE:
-            keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
-            if keys:
-                setattr(self.aggregator, attr, [arrays[k] for k in keys])
