@@ -280,8 +280,6 @@ def clear_model_cache() -> None:
     _NODE_FALLBACK.clear()
 
 
-
-
 # ------------------------------------------------------------------ the client
 class FedKSeedClient(NumPyClient):
     """Rebuilds the global model from seed coefficients, takes ZO steps, returns (seed, g)."""

@@ -96,8 +96,6 @@ def get_named(model: nn.Module, names: list[str]) -> list[np.ndarray]:
     return [params[n].detach().to("cpu", torch.float32).numpy().copy() for n in names]
 
 
-
-
 def clear_emulator_cache() -> None:
     _EMULATORS.clear()
 
