@@ -4,6 +4,9 @@ Each architecture family we support (Llama, GPT-2, Qwen2, OPT, Gemma3) gets a
 model of a few hundred thousand parameters plus a small word-level tokenizer
 trained on the fly, saved with ``save_pretrained`` so the real loading code
 (:func:`fatellm_flwr.models.load_model`) reads it like any local checkpoint.
+
+Also the two Flower stand-ins that strategy tests drive a strategy with:
+:class:`FakeProxy` and :class:`FakeClientManager`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,32 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "gpt2", "qwen2", "opt", "gemma3")
+
+
+class FakeProxy:
+    """A ``ClientProxy`` as strategies see it: a client id (= node id)."""
+
+    def __init__(self, cid: str):
+        self.cid = cid
+        self.node_id = cid
+
+
+class FakeClientManager:
+    """The calls Flower's strategies make on a ``ClientManager``: ``n`` clients with ids
+    ``"0".."n-1"`` (or the given ids), sampled in order."""
+
+    def __init__(self, clients: int | list[str]):
+        cids = [str(i) for i in range(clients)] if isinstance(clients, int) else clients
+        self.proxies = [FakeProxy(c) for c in cids]
+
+    def num_available(self) -> int:
+        return len(self.proxies)
+
+    def wait_for(self, num_clients: int, timeout: int = 0) -> bool:
+        return len(self.proxies) >= num_clients
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None) -> list[FakeProxy]:
+        return self.proxies[:num_clients]
 
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog . "

@@ -24,6 +24,7 @@ from fatellm_flwr.config import Config
 from fatellm_flwr.outputs import RunDir
 from fatellm_flwr.strategies.base import parameters_nbytes
 from fatellm_flwr.strategies.fedkseed import FedKSeedStrategy
+from fatellm_flwr.testing import FakeClientManager as Manager
 
 
 @pytest.fixture(autouse=True)
@@ -34,23 +35,6 @@ def _one_thread():
     yield
     cf.clear_model_cache()
     torch.set_num_threads(threads)
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-        self.node_id = cid
-
-
-class Manager:
-    def __init__(self, cids):
-        self.proxies = [Proxy(c) for c in cids]
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.proxies[:num_clients]
 
 
 def make_cfg(model, data, tmp_path, **extra):

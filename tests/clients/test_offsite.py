@@ -21,24 +21,8 @@ from fatellm_flwr.clients.offsite import (
 from fatellm_flwr.config import Config
 from fatellm_flwr.outputs import RunDir
 from fatellm_flwr.strategies.offsite import OffsiteStrategy
+from fatellm_flwr.testing import FakeClientManager as Manager
 from fatellm_flwr.testing import build_tiny_model
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-        self.node_id = cid
-
-
-class Manager:
-    def __init__(self, n):
-        self.proxies = [Proxy(str(i)) for i in range(n)]
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.proxies[:num_clients]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from fatellm_flwr.config import Config
 from fatellm_flwr.outputs import RunDir
 from fatellm_flwr.strategies.base import TrackedStrategy
 from fatellm_flwr.strategies.homo import HomoStrategy, build_aggregator
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-        self.node_id = cid
+from fatellm_flwr.testing import FakeProxy as Proxy
 
 
 def fit_res(arrays, n):

@@ -8,25 +8,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from fatellm_flwr.config import Config
 from fatellm_flwr.strategies.client_dp import ClientLevelDP
 from fatellm_flwr.strategies.homo import build_aggregator
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-
-
-class Manager:
-    def __init__(self, n):
-        self.proxies = [Proxy(str(i)) for i in range(n)]
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def wait_for(self, n, timeout=0):
-        return True
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.proxies[:num_clients]
+from fatellm_flwr.testing import FakeClientManager as Manager
+from fatellm_flwr.testing import FakeProxy as Proxy
 
 
 def _res(arrays, n=7, **metrics):

@@ -23,6 +23,8 @@ from fatellm_flwr.strategies.fedkseed import (
     SeedServer,
     check_fedkseed_config,
 )
+from fatellm_flwr.testing import FakeClientManager as Manager
+from fatellm_flwr.testing import FakeProxy as Proxy
 
 
 @pytest.fixture(autouse=True)
@@ -33,25 +35,6 @@ def _one_thread():
     yield
     cf.clear_model_cache()
     torch.set_num_threads(threads)
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-        self.node_id = cid
-
-
-class Manager:
-    """The two calls FedAvg.configure_fit/configure_evaluate make on a ClientManager."""
-
-    def __init__(self, n):
-        self.proxies = [Proxy(str(i)) for i in range(n)]
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.proxies[:num_clients]
 
 
 def make_cfg(model, data, tmp_path, **extra):

@@ -22,6 +22,8 @@ from fatellm_flwr.config import Config, ConfigError
 from fatellm_flwr.emulator import blocks_prefix
 from fatellm_flwr.outputs import RunDir
 from fatellm_flwr.strategies.offsite import DISTILLED_FILE, OffsiteStrategy, check_offsite_config
+from fatellm_flwr.testing import FakeClientManager as Manager
+from fatellm_flwr.testing import FakeProxy as Proxy
 from fatellm_flwr.testing import build_tiny_model
 
 L = 8
@@ -45,23 +47,6 @@ def deep_model(tmp_path_factory):
         return cache[arch]
 
     return make
-
-
-class Proxy:
-    def __init__(self, cid):
-        self.cid = cid
-        self.node_id = cid
-
-
-class Manager:
-    def __init__(self, n):
-        self.proxies = [Proxy(str(i)) for i in range(n)]
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.proxies[:num_clients]
 
 
 def config(model, data, tmp_path, **extra):
