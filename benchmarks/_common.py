@@ -199,10 +199,10 @@ def command_line() -> str:
     return "python " + shlex.join([shown, *sys.argv[1:]])
 
 
-def rss_mb_now() -> float:
-    """Current resident set size of this process in MB (from /proc)."""
+def status_mb(key: str) -> float:
+    """A memory field of /proc/self/status in MB (VmRSS, RssAnon, RssFile, VmHWM...)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")

@@ -61,12 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- child side
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _trimmed_rss() -> float:
@@ -80,7 +74,7 @@ def _trimmed_rss() -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         return float("nan")
-    return _status_mb("VmRSS")
+    return C.status_mb("VmRSS")
 
 
 def _mapped_resident_mb(suffix: str) -> float:
@@ -121,13 +115,13 @@ def child(args: argparse.Namespace) -> None:
     from fatellm_flwr.models import check_quantization_support
 
     check_quantization_support(quant)
-    rss_base = _status_mb("VmRSS")
-    anon_base = _status_mb("RssAnon")
+    rss_base = C.status_mb("VmRSS")
+    anon_base = C.status_mb("RssAnon")
     t0 = time.perf_counter()
     model = load_base_model(model_ref, quantization=quant)
     out = {"mode": quant, "load_s": time.perf_counter() - t0,
            "rss_baseline_mb": rss_base, "anon_baseline_mb": anon_base,
-           "rss_after_load_mb": _status_mb("VmRSS"),
+           "rss_after_load_mb": C.status_mb("VmRSS"),
            "peak_load_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "footprint_mb": model.get_memory_footprint() / 2**20,
            "params": count_parameters(model)[1]}
@@ -141,11 +135,11 @@ def child(args: argparse.Namespace) -> None:
         out["forward_error"] = f"{type(e).__name__}: {e}"
         print(f"forward pass failed: {e}", file=sys.stderr)
     out["forward_s"] = time.perf_counter() - t0
-    out["rss_after_forward_mb"] = _status_mb("VmRSS")
+    out["rss_after_forward_mb"] = C.status_mb("VmRSS")
     out["peak_forward_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["rss_after_trim_mb"] = _trimmed_rss()
-    out["anon_after_trim_mb"] = _status_mb("RssAnon")
-    out["file_after_trim_mb"] = _status_mb("RssFile")
+    out["anon_after_trim_mb"] = C.status_mb("RssAnon")
+    out["file_after_trim_mb"] = C.status_mb("RssFile")
     out["weights_file_resident_mb"] = _mapped_resident_mb(".safetensors")
     if args.child_task == "train":
         from fatellm_flwr.data import split_pool_and_test, tokenize_dataset
@@ -162,7 +156,7 @@ def child(args: argparse.Namespace) -> None:
         torch.manual_seed(cfg.seed)
         model = wrap_peft(model, cfg, quant)
         out["trainable"] = count_parameters(model)[0]
-        out["rss_before_train_mb"] = _status_mb("VmRSS")
+        out["rss_before_train_mb"] = C.status_mb("VmRSS")
         out["peak_reset"] = _reset_peak()
         times = []
         for i in range(args.steps):  # one step per call: per-step wall times
@@ -170,7 +164,7 @@ def child(args: argparse.Namespace) -> None:
             train_local(model, train, cfg, steps=1, pad_id=tok.pad_token_id, seed=cfg.seed + i)
             times.append(time.perf_counter() - t)
         out["step_s"] = times
-        out["peak_train_mb"] = _status_mb("VmHWM")
+        out["peak_train_mb"] = C.status_mb("VmHWM")
         out["peak_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 

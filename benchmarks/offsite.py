@@ -106,14 +106,6 @@ def _batch(cfg, tokenizer):
                    tokenizer.pad_token_id)
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _prepare(args, work: Path) -> dict:
     """Save the client payload (emulator config + tensors) once: what a client receives."""
     from safetensors.torch import save_file
@@ -212,10 +204,10 @@ def child_memory(args: argparse.Namespace) -> None:
     work = Path(args.work)
     name = args.child.split(":", 1)[1]
     tok = load_tokenizer(C.resolve_model_arg(args.model))
-    rss0 = _status_mb("VmRSS")
+    rss0 = C.status_mb("VmRSS")
     model, params, cfg = _load(name, args, work)
     batch = _batch(cfg, tok)
-    rss_loaded = _status_mb("VmRSS")
+    rss_loaded = C.status_mb("VmRSS")
     opt = torch.optim.AdamW(params, lr=1e-5)
     times = [_step(model, opt, params, batch) for _ in range(args.steps)]
     out = {"config": name, "rss_baseline_mb": rss0, "rss_loaded_mb": rss_loaded,
