@@ -34,10 +34,12 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+# FATELLM_BENCH_RESULTS_DIR: write results elsewhere (the notebooks' tiny CI runs do)
+RESULTS = Path(os.environ.get("FATELLM_BENCH_RESULTS_DIR")
+               or Path(__file__).resolve().parent / "results")
 SHARED_BOX_NOTE = ("Measured on a shared 2-core CPU box (other engineers' jobs ran at the same "
-                   "time): absolute timings are noisy; ratios come from side-by-side, "
-                   "interleaved measurements in one run.")
+                   "time): absolute timings are noisy; ratios come from side-by-side "
+                   "measurements in one run (see the body for repetitions).")
 
 
 # --------------------------------------------------------------------------- config
@@ -122,7 +124,7 @@ def run_flwr(run_config: dict[str, Any], num_supernodes: int, num_cpus: float = 
            "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(REPO), "--stream",
-           "--run-config", overrides, "--federation-config",
+           *(["--run-config", overrides] if overrides else []), "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}"]
     t0 = time.perf_counter()
     try:
@@ -166,6 +168,96 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(out)
 
 
+def load_avg() -> tuple[float, float, float] | None:
+    """``os.getloadavg()`` (1, 5, 15 min), or None where the OS has none."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())  # type: ignore[return-value]
+    except OSError:
+        return None
+
+
+def fmt_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def spread(xs: Sequence[float]) -> tuple[float, float, float]:
+    """``(min, median, max)`` of ``xs`` (nan for an empty list)."""
+    if not xs:
+        return (float("nan"),) * 3
+    return float(min(xs)), median(xs), float(max(xs))
+
+
+def fmt_spread(xs: Sequence[float], digits: int = 3, unit: str = "") -> str:
+    """``median (min-max, n=N)``: how a repeated figure is reported everywhere."""
+    lo, mid, hi = spread(xs)
+    return (f"{mid:.{digits}g}{unit} (min {lo:.{digits}g}, max {hi:.{digits}g}, "
+            f"n={len(xs)})")
+
+
+class Interleaved:
+    """Repeated, interleaved measurement of several arms, with the machine's load.
+
+    ``run(repeats)`` calls every arm once per repetition in a fixed order (A, B, C, A, B,
+    C, ...), so slow drifts of a shared machine hit every arm alike, and samples
+    ``os.getloadavg()`` before each call. ``results[arm]`` holds what each call returned,
+    ``loads`` the 1-minute load before each call. :meth:`ratios` pairs repetitions
+    (``num(rep) / den(rep)``), :meth:`load_note` says how loaded the box was.
+    """
+
+    def __init__(self, arms: dict[str, Any]):
+        self.arms = dict(arms)
+        self.results: dict[str, list[Any]] = {a: [] for a in self.arms}
+        self.loads: list[float] = []
+
+    def run(self, repeats: int, log: Any = print) -> Interleaved:
+        if repeats < 1:
+            raise ValueError("repeats must be >= 1")
+        for rep in range(repeats):
+            for name, fn in self.arms.items():
+                load = load_avg()
+                if load is not None:
+                    self.loads.append(load[0])
+                t0 = time.perf_counter()
+                self.results[name].append(fn(rep))
+                log(f"[interleaved] rep {rep} {name}: {time.perf_counter() - t0:.1f}s "
+                    f"(load {load[0] if load else '?'})")
+        return self
+
+    def values(self, arm: str, key: Any = None) -> list[Any]:
+        return [r if key is None else key(r) for r in self.results[arm]]
+
+    def ratios(self, num: str, den: str, key: Any = None) -> list[float]:
+        """Per-repetition ratios ``key(num result) / key(den result)``."""
+        return [a / b for a, b in zip(self.values(num, key), self.values(den, key))]
+
+    def load_note(self) -> str:
+        if not self.loads:
+            return "machine load not available"
+        lo, mid, hi = spread(self.loads)
+        return (f"1-min load average during the measurements: median {mid:.2f} (min "
+                f"{lo:.2f}, max {hi:.2f}) on {os.cpu_count()} logical CPUs, sampled before "
+                f"each of {len(self.loads)} calls{shared_box_note()}; ratios pair "
+                f"measurements run back to back.")
+
+
+def run_child(cmd: Sequence[str], label: str) -> dict:
+    """Run a benchmark's child process; its result is the last ``RESULT <json>`` line it
+    printed (a child per arm keeps peak-memory figures apart)."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env={**os.environ})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {label} failed ({proc.returncode}):\n"
+                           f"{(proc.stdout + proc.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def shared_box_note() -> str:
+    """``; <note>`` from ``$FATELLM_BENCH_NOTE`` (e.g. "other jobs shared this box"), or ""."""
+    note = os.environ.get("FATELLM_BENCH_NOTE", "").strip()
+    return f"; {note}" if note else ""
+
+
 def machine_line() -> str:
     import torch
 
@@ -178,16 +270,37 @@ def machine_line() -> str:
             f"{load_s}; python {platform.python_version()}, torch {torch.__version__}")
 
 
-def emit(name: str, title: str, body: str, command: str, notes: Sequence[str] = ()) -> str:
-    """Print a markdown report and write it to ``benchmarks/results/<name>.md``."""
+SUMMARY_START = "<!-- readme-summary -->"
+SUMMARY_END = "<!-- /readme-summary -->"
+
+
+def summary_block(rows: Sequence[tuple[str, str]]) -> list[str]:
+    """The README rows of a results file: ``(question, result)`` pairs between markers
+    that ``scripts/readme_results.py`` copies into the README's benchmark block."""
+    out = ["", "## Summary (copied into the README by `scripts/readme_results.py`)", "",
+           SUMMARY_START, "| question | result |", "| --- | --- |"]
+    for q, r in rows:
+        if "|" in q + r or "\n" in q + r:
+            raise ValueError(f"a summary cell may not hold '|' or a newline: {q!r} {r!r}")
+        out.append(f"| {q} | {r} |")
+    return out + [SUMMARY_END]
+
+
+def emit(name: str, title: str, body: str, command: str, notes: Sequence[str] = (),
+         write: bool = True, summary: Sequence[tuple[str, str]] = ()) -> str:
+    """Print a markdown report and write it (unless ``write`` is false) to
+    ``benchmarks/results/<name>.md``; ``summary`` rows go into the README."""
     parts = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine_line()}. "
              f"{SHARED_BOX_NOTE}", "", body]
     if notes:
         parts += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if summary:
+        parts += summary_block(summary)
     text = "\n".join(parts) + "\n"
     print(text, flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
+    if write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{name}.md").write_text(text)
     return text
 
 

@@ -99,13 +99,13 @@ def message_nbytes(arrays, config: dict, fit_res_metrics: dict | None = None) ->
 
 def fedkseed_protocol(k: int, clients: int, steps: int, rounds: int, seed: int = 0) -> dict:
     """Run the real FedKSeed payload code for ``rounds`` rounds (no model): per-round bytes."""
-    from fatellm_flwr.clients.fedkseed import (
+    from fatellm_flwr.strategies.fedkseed import SeedServer
+    from fatellm_flwr.wire.fedkseed import (
         KEY_RUN,
         decode_probabilities,
         encode_probabilities,
         encode_upload,
     )
-    from fatellm_flwr.strategies.fedkseed import SeedServer
     from fatellm_flwr.zo import sample_seed_indices
 
     rng = np.random.default_rng(seed)
@@ -233,12 +233,13 @@ def comm_section(args, model_ref: str) -> tuple[str, dict]:
 
 
 # --------------------------------------------------------------------------- time
-def timing_section(args, model_ref: str, proto: dict) -> str:
+def timing_section(args, model_ref: str, proto: dict) -> tuple[str, float, float, float]:
+    """``(text, replay / training estimate, replay s, training s)``."""
     import torch
 
-    from fatellm_flwr.clients.fedkseed import ZoModel
     from fatellm_flwr.models import load_base_model
     from fatellm_flwr.zo import apply_seed_updates, candidate_seeds, zo_step
+    from fatellm_flwr.zo_model import ZoModel
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
@@ -296,7 +297,9 @@ def timing_section(args, model_ref: str, proto: dict) -> str:
     return (f"Real ZO steps on `{model_ref}` ({len(zm.params)} tuned tensors), "
             f"torch threads {torch.get_num_threads()}; rows marked extrapolated multiply "
             f"measured unit costs.\n\n{table}\n\nReplay / local training per round (caching "
-            f"client, {args.clients} clients): {ratio:.2f}. Independent of the machine: a "
+            f"client, {args.clients} clients), an **estimate extrapolated from unit costs**, "
+            f"not measured end to end (`benchmarks/fedkseed_replay.py` measures it): "
+            f"{ratio:.2f}. Independent of the machine: a "
             f"round's replay generates z for the seeds that changed (<= clients x steps, <= K: "
             f"{changed:.0f} here), local training generates 3 z per step ({3 * args.steps}) "
             f"plus 2 forwards per step, so replay costs less than training whenever <= 3 "
@@ -304,11 +307,12 @@ def timing_section(args, model_ref: str, proto: dict) -> str:
             f"(the paper's bound). Training at real lengths (e.g. batch 4 x 160 tokens) costs "
             f"more per step and replay does not change, so the measured ratio is an upper "
             f"bound for longer inputs. A fresh process (deployment runs one per message) "
-            f"replays every seed used so far once: up to K z generations per round.")
+            f"replays every seed used so far once: up to K z generations per round."), \
+        ratio, changed * z_seed, train_round
 
 
 # --------------------------------------------------------------------------- quality
-def quality_section(args) -> str:
+def quality_section(args) -> tuple[str, list]:
     model = C.resolve_model_arg(args.quality_model)
     out = Path(tempfile.mkdtemp(prefix="fatellm-bench-fedkseed-"))
     common = {"model": model, "dataset": args.quality_dataset, "num-server-rounds":
@@ -340,7 +344,7 @@ def quality_section(args) -> str:
             f"{args.quality_steps} local steps, {args.quality_examples} examples of "
             f"`{args.quality_dataset}`, iid), model `{args.quality_model}`; FedKSeed zo-lr "
             f"{args.quality_zo_lr}, zo-eps {args.quality_zo_eps}; LoRA AdamW lr "
-            f"{args.quality_lr}.\n\n{table}")
+            f"{args.quality_lr}.\n\n{table}"), rows
 
 
 def main(argv=None) -> str:
@@ -349,13 +353,37 @@ def main(argv=None) -> str:
     t0 = time.perf_counter()
     comm, info = comm_section(args, model_ref)
     parts = ["## Bytes per client-round", "", comm]
-    if args.timing_steps > 0:
-        parts += ["", "## Replay time vs local training time", "",
-                  timing_section(args, model_ref, info["proto"])]
-    if args.quality:
-        parts += ["", "## Quality at small scale", "", quality_section(args)]
     proto = info["proto"]
     steady_down = statistics.median(r["down"] for r in proto["rows"][1:])
+    steady_up = statistics.median(r["up"] for r in proto["rows"][1:])
+    resend = proto["rows"][-1]["full_resend"]
+    full2, lora2 = 2 * info["full_bytes"], 2 * info["lora_bytes"]
+    tot = steady_down + steady_up
+    summary = [(
+        f"bytes per client-round at {args.steps} local steps, K = {args.k}",
+        f"up **{int(steady_up):,} B**; down {steady_down / 1000:.1f} KB in steady state "
+        f"(sparse coefficient difference + seed scores), so **{tot / 1000:.1f} KB total**"
+        f"{' < ' if tot < PAPER_KB * 1024 else ' >= '}{PAPER_KB} KB; a full resend to a node "
+        f"that missed rounds {(resend + steady_up) / 1000:.1f} KB; LoRA FedAvg "
+        f"{lora2 / 1e6:.1f} MB, full FedAvg {full2 / 1e9:.2f} GB ({full2 / tot:,.0f}x more); "
+        f"byte counts of the real protocol code, exact")]
+    if args.timing_steps > 0:
+        text, ratio, replay_s, train_s = timing_section(args, model_ref, proto)
+        parts += ["", "## Replay time vs local training time (estimate)", "", text]
+        summary.append(("replay vs local training per round, **estimate**",
+                        f"{ratio:.2f} ({replay_s:.0f} s vs {train_s:.0f} s), **extrapolated** "
+                        f"from measured unit costs (one seed's z, one ZO step), not measured "
+                        f"end to end: see fedkseed_replay for the measured figure"))
+    if args.quality:
+        text, qrows = quality_section(args)
+        parts += ["", "## Quality at small scale", "", text]
+        (_, l0, l1, a0, a1, *_), (_, m0, m1, b0, b1, *_) = qrows
+        summary.append((
+            f"quality vs LoRA FedAvg ({args.quality_dataset}, 3 clients, {args.quality_rounds}"
+            f" rounds x {args.quality_steps} steps)",
+            f"test loss {l0:.2f} -> **{l1:.2f}** (FedKSeed, zo-lr {args.quality_zo_lr:g}) vs "
+            f"{m0:.2f} -> **{m1:.2f}** (LoRA); accuracy {a0:.2f} -> {a1:.2f} vs {b0:.2f} -> "
+            f"{b1:.2f}. One run per arm"))
     notes = [
         "Protocol (strategies/fedkseed.py): up = [int32 seed indices, float32 g] of the "
         "non-skipped steps (8 bytes/step + 256 header bytes); down = the coefficient "
@@ -380,7 +408,7 @@ def main(argv=None) -> str:
         print(text)
         return text
     return C.emit("fedkseed_comm", "FedKSeed: communication, replay time, quality",
-                  "\n".join(parts), C.command_line(), notes)
+                  "\n".join(parts), C.command_line(), notes, summary=summary)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -175,12 +173,7 @@ def spawn(args: argparse.Namespace, mode: str, task: str) -> dict:
            "--model", args.model, "--steps", str(args.steps), "--batch-size",
            str(args.batch_size), "--max-length", str(args.max_length), "--threads",
            str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {mode}/{task} failed ({proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return C.run_child(cmd, f"{mode}/{task}")
 
 
 def main() -> None:

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -139,7 +137,6 @@ def _load(name: str, args, work: Path):
     import torch
     from safetensors.torch import load_file
 
-    from fatellm_flwr.clients.offsite import arch_config
     from fatellm_flwr.emulator import (
         decoder_blocks,
         emulator_from_payload,
@@ -147,6 +144,7 @@ def _load(name: str, args, work: Path):
     )
     from fatellm_flwr.models import build_peft_config, load_base_model
     from fatellm_flwr.strategies.offsite import make_split
+    from fatellm_flwr.wire.offsite import arch_config
 
     model_ref = C.resolve_model_arg(args.model)
     cfg = _cfg(args, model_ref)
@@ -259,12 +257,7 @@ def child_time(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, child: str, work: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--work",
            str(work)] + [a for a in sys.argv[1:] if not a.startswith("--child")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {child} failed ({proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return C.run_child(cmd, child)
 
 
 # --------------------------------------------------------------------------- quality

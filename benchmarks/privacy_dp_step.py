@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps of each before timing")
     p.add_argument("--e2e-steps", type=int, default=4,
                    help="steps per train_local / train_local_dp call (0 = skip part 2)")
-    p.add_argument("--e2e-pairs", type=int, default=2)
+    p.add_argument("--e2e-pairs", type=int, default=3)
     p.add_argument("--grad-sample-mode", default="hooks", choices=("hooks", "functorch"))
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
@@ -161,7 +161,7 @@ def main() -> None:
         [["median (s)", C.median(plain_t), C.median(dp_t),
           C.median(dp_t) / C.median(plain_t)],
          ["min (s)", min(plain_t), min(dp_t), min(dp_t) / min(plain_t)],
-         ["median of per-pair ratios", "", "", C.median(pair_ratio)]])
+         ["per-pair ratios: median (min, max)", "", "", C.fmt_spread(pair_ratio)]])
 
     # ---------------------------------------------------------------- part 2: end to end
     part2 = ""
@@ -218,7 +218,15 @@ def main() -> None:
         "load changed during the run, so read the median ratio, not the absolute seconds.",
         f"Model load {load_s:.1f}s; whole script {time.perf_counter() - t_start:.0f}s.",
     ]
-    C.emit(NAME, "DP-SGD step time vs non-DP step (LoRA)", body, C.command_line(), notes)
+    lo, mid, hi = C.spread(pair_ratio)
+    e2e = (f"; end to end with Poisson batches {C.median(e2e_dp) / C.median(e2e_plain):.2f}x "
+           f"({args.e2e_pairs} pairs)") if e2e_plain else ""
+    summary = [(f"DP-SGD step vs non-DP step (Opacus hooks, LoRA, batch {args.batch_size} x "
+                f"{seq} tokens)",
+                f"**{mid:.2f}x** (median of {len(pair_ratio)} interleaved pairs' ratios; min "
+                f"{lo:.2f}, max {hi:.2f}; 1-min load {C.load_avg()}){e2e}")]
+    C.emit(NAME, "DP-SGD step time vs non-DP step (LoRA)", body, C.command_line(), notes,
+           summary=summary)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--repeats", type=int, default=2, help="interleaved (plain, secagg) pairs")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved (plain, secagg) pairs")
     p.add_argument("--no-default-weight", action="store_true",
                    help="skip the extra SecAgg+ run with the default secagg-max-weight")
     p.add_argument("--client-cpus", type=float, default=1)
@@ -233,7 +233,9 @@ def main() -> None:
         f"clipping range {clip:g}, {levels:,} quantization levels, updates sent as deltas.",
         f"**Round time** ({args.repeats} interleaved repetitions; per-repetition SecAgg+/plain "
         f"ratio of rounds 2..{args.rounds}: "
-        + ", ".join(f"{r:.3f}" for r in rep_ratios) + "):",
+        + ", ".join(f"{r:.3f}" for r in rep_ratios)
+        + f"; min / median / max {C.spread(rep_ratios)[0]:.3f} / {C.spread(rep_ratios)[1]:.3f}"
+        f" / {C.spread(rep_ratios)[2]:.3f}; 1-min load {C.load_avg()}):",
         time_table,
         "**Error of the SecAgg+ aggregate** (repetition 0; round-N adapters from "
         "`save-every-round`):",
@@ -253,8 +255,17 @@ def main() -> None:
         "as the last column shows when there are >= 2 repetitions.",
         f"Took {time.perf_counter() - t_start:.0f}s in all; outputs and logs in {work}.",
     ]
+    lo, mid, hi = C.spread(rep_ratios)
+    err1 = e_rows[0][3] if e_rows and e_rows[0][3] != "" else float("nan")
+    err1_default = e_rows[0][4] if e_rows and e_rows[0][4] != "" else float("nan")
+    summary = [(
+        f"SecAgg+ round vs plain FedAvg ({args.model}, {args.clients} clients)",
+        f"**{mid:.2f}x** round time, rounds 2-{args.rounds} (min {lo:.2f}, max {hi:.2f} over "
+        f"{len(rep_ratios)} interleaved repetitions); aggregate max abs error vs FedAvg "
+        f"**{err1:.2g}** in round 1 with `secagg-max-weight` = largest client's examples, "
+        f"{err1_default:.2g} with the default {default_weight:g}")]
     C.emit(NAME, "SecAgg+ vs plain FedAvg: round time and aggregation error", body,
-           C.command_line(), notes)
+           C.command_line(), notes, summary=summary)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ REGISTRY: dict[str, Algorithm] = {
                          "clients.offsite:OffsiteClient"),
     "fedkseed": Algorithm("fedkseed", "strategies.fedkseed:FedKSeedStrategy",
                           "clients.fedkseed:FedKSeedClient"),
+    "fedmkt": Algorithm("fedmkt", "strategies.fedmkt:FedMKTStrategy",
+                        "clients.fedmkt:FedMKTClient"),
+    "inferdpt": Algorithm("inferdpt", "strategies.inferdpt:InferDPTStrategy",
+                          "clients.inferdpt:InferDPTClient"),
 }
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -26,7 +28,7 @@ def _opt(default: Any, help: str, choices: tuple | None = None, low: float | Non
                                                 low_open=low_open, high_open=high_open))
 
 
-ALGORITHMS = ("homo", "fedkseed", "offsite")
+ALGORITHMS = ("homo", "fedkseed", "offsite", "fedmkt", "inferdpt")
 PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 TASKS = ("auto", "classification", "instruction", "lm")
@@ -52,6 +54,20 @@ class Config:
     quantization: str = _opt("none", "Base-model quantization with bitsandbytes (QLoRA).",
                              QUANTIZATIONS)
     dtype: str = _opt("float32", "Compute dtype of the (non-quantized) base model.", DTYPES)
+    device: str = _opt("auto", "Where models and batches live: auto (CUDA when present, "
+                       "then MPS, else CPU), cpu, cuda, cuda:N or mps; a SuperNode's node config "
+                       "`device=...` overrides it. A GPU this machine lacks is an error.")
+    num_threads: int = _opt(1, "CPU threads torch uses on each client (0 = torch's default: "
+                            "all cores, or OMP_NUM_THREADS); a SuperNode's node config "
+                            "`num-threads=...` overrides it. In simulation set it to "
+                            "`client-resources-num-cpus` so clients do not oversubscribe the "
+                            "cores.", low=0)
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass "
+                                        "(transformers' gradient checkpointing): less "
+                                        "training memory, more compute.")
+    wire_dtype: str = _opt("float32", "dtype of the float arrays that travel (both "
+                           "directions); the server aggregates in float32 and keeps the "
+                           "global state in the model's dtype.", ("float32", "float16"))
     # --- PEFT
     peft_method: str = _opt("lora", "Parameter-efficient method (homo).", PEFT_METHODS)
     lora_r: int = _opt(8, "LoRA rank.", low=1)
@@ -81,6 +97,19 @@ class Config:
     max_examples: int = _opt(0, "Use at most this many examples in total (0 = all); a "
                              "stratified random subset.", low=0)
     test_size: int = _opt(100, "Examples held out for server-side evaluation.", low=0)
+    server_eval_dataset: str = _opt("", "The server's own evaluation set (`builtin:<name>`, "
+                                    "a local file or a hub name, same columns as the clients' "
+                                    "data); empty = hold out test-size examples of `dataset` "
+                                    "(simulation); `none` = the server holds no data and relies "
+                                    "on the clients' aggregated evaluation (fraction-evaluate).")
+    node_data_path: str = _opt("", "Simulated organisations' own files: a path containing "
+                               "`{partition-id}` (e.g. `data/org-{partition-id}.jsonl`); each "
+                               "node reads only its file, nothing is partitioned. A SuperNode's "
+                               "node config `data-path` takes precedence.")
+    labels: str = _opt("", "Classification label set every party agrees on, comma-separated "
+                       "in a stable order; empty = the sorted labels of the server's data. "
+                       "Needed when SuperNodes read their own data (node config data-path) "
+                       "and the server has no evaluation set.")
     partitioner: str = _opt("dirichlet", "How client partitions are drawn (flwr-datasets).",
                             PARTITIONERS)
     dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (smaller = more skew).",
@@ -138,7 +167,8 @@ class Config:
                                     "probability-differentiated sampling.", low=0,
                                     low_open=True)
     zo_exclude_embeddings: bool = _opt(True, "FedKSeed: leave the input token embedding (and a "
-                                       "head tied to it) out of the tuned weights.")
+                                       "head tied to it: 21% of SmolLM2-135M's weights) out "
+                                       "of the tuned weights; false tunes every weight.")
     # --- offsite (offsite-tuning, algorithm="offsite"; see strategies/offsite.py)
     offsite_bottom: int = _opt(2, "Offsite: bottom decoder blocks that are trainable adapters "
                                "(a).", low=0)
@@ -159,6 +189,36 @@ class Config:
     offsite_lora: bool = _opt(False, "Offsite: clients train LoRA (lora-r/alpha/dropout, "
                               "target-modules) on the adapter blocks and send them merged, "
                               "instead of fully fine-tuning the adapter blocks.")
+    # --- heterogeneous LoRA ranks (FlexLoRA, algorithm="homo"; see flexlora.py)
+    lora_ranks: str = _opt("", "Clients' own LoRA ranks, comma-separated by partition id "
+                           "(simulation), e.g. `4,8,16`; empty = every client uses lora-r "
+                           "unless its SuperNode's node config sets `lora-r`.")
+    lora_aggregation: str = _opt("auto", "How LoRA adapters are aggregated: `fedavg` averages "
+                                 "A and B; `flexlora` (Bai et al. 2024) averages the products "
+                                 "B·A and gives each client a truncated SVD at its own rank; "
+                                 "`auto` = flexlora when lora-ranks differ, else fedavg.",
+                                 ("auto", "fedavg", "flexlora"))
+    # --- fedmkt (algorithm="fedmkt": server LLM `model` <-> clients' SLMs; see fedmkt.py)
+    slm_models: str = _opt("builtin:smollm2-135m-instruct", "FedMKT: clients' small LMs, "
+                           "comma-separated by partition id (one entry = every client); a "
+                           "SuperNode's node config `slm-model` overrides.")
+    public_dataset: str = _opt("", "FedMKT: public data on which knowledge is exchanged "
+                               "(`builtin:<name>`, a file or a hub name; never a client's "
+                               "data); empty = the first fedmkt-public-size examples of the "
+                               "server's held-out test split (the server evaluates on the "
+                               "rest).")
+    fedmkt_public_size: int = _opt(32, "FedMKT: public examples used each round.", low=1)
+    fedmkt_top_k: int = _opt(16, "FedMKT: logits sent per token (values + token indices; "
+                             "FATE-LLM uses 128).", low=1)
+    fedmkt_lambda: float = _opt(0.1, "FedMKT: distillation weight, loss = (1 - lambda) LM + "
+                                "lambda KD (FATE-LLM: 0.1).", low=0, high=1)
+    fedmkt_selection: str = _opt("greater", "FedMKT: which SLMs teach the LLM on each public "
+                                 "example: `greater` = the one with the lowest cross-entropy, "
+                                 "`weighted-mean` = all, weighted by exp(-CE).",
+                                 ("greater", "weighted-mean"))
+    fedmkt_distill_epochs: int = _opt(1, "FedMKT: epochs over the public set of each "
+                                      "distillation (LLM on the server, SLMs on the clients).",
+                                      low=1)
     # --- privacy
     dp_sgd: bool = _opt(False, "Sample-level DP-SGD (Opacus) on the clients' trainable "
                         "parameters.")
@@ -173,6 +233,11 @@ class Config:
     dp_max_epsilon: float = _opt(0.0, "Stop a client's training once its epsilon would exceed "
                                  "this budget (0 = no budget).", low=0)
     dp_accountant: str = _opt("rdp", "Privacy accountant.", ("rdp", "prv"))
+    dp_reproducible_noise: bool = _opt(False, "DP-SGD: seed the noise and the Poisson "
+                                       "sampler from `seed` (shared by all parties) instead "
+                                       "of OS randomness. VOIDS THE DP GUARANTEE: whoever "
+                                       "knows the run config can regenerate and subtract the "
+                                       "noise. For debugging and tests only.")
     client_dp: str = _opt("none", "Client-level DP on each client's update (DP-FedAvg): "
                           "server-side or client-side fixed clipping, or adaptive clipping "
                           "(server- or client-side).",
@@ -185,6 +250,12 @@ class Config:
                                             "unclipped updates.", low=0, high=1)
     client_dp_clip_lr: float = _opt(0.2, "Adaptive clipping: clip-norm learning rate.", low=0,
                                     low_open=True)
+    client_dp_clipped_count_stddev: float = _opt(
+        0.0, "Adaptive clipping: std of the noise on the count of unclipped updates (sigma_b, "
+        "Andrew et al. 2021); the update's noise is raised so the round's total stays "
+        "client-dp-noise-multiplier. 0 = max(sampled clients / 20, "
+        "client-dp-noise-multiplier), which works for any number of clients; an explicit "
+        "value must exceed client-dp-noise-multiplier / 2.", low=0)
     secure_aggregation: bool = _opt(False, "Flower's SecAgg+ (the server only sees the sum of "
                                     "the clients' updates).")
     secagg_num_shares: float = _opt(3.0, "SecAgg+ shares per secret (> 1: a count; <= 1: a "
@@ -201,8 +272,41 @@ class Config:
     secagg_max_weight: float = _opt(1000.0, "SecAgg+ largest client weight (number of "
                                     "examples); the quantization step of an update is about "
                                     "2 * clipping-range * max-weight / (levels * weight), so "
-                                    "set it close to the largest client's example count.",
+                                    "set it close to the largest client's example count. A "
+                                    "client with more examples fails with an error naming this "
+                                    "key (Flower itself only warns, then clips or overflows its "
+                                    "update).",
                                     low=0, low_open=True)
+    # --- FedIPR ownership watermarks (algorithm="homo"; see privacy/fedipr.py)
+    fedipr: bool = _opt(False, "FedIPR (Li et al. 2021): every client embeds its own secret "
+                        "signature (OS-random, kept in its node state) in the norm scales of "
+                        "the last fedipr-blocks blocks (trained and aggregated with the "
+                        "adapter) and reports its detection rate each round.")
+    fedipr_bits: int = _opt(64, "FedIPR: signature bits per client.", low=1)
+    fedipr_blocks: int = _opt(2, "FedIPR: last transformer blocks whose normalization scales "
+                              "carry the signatures (FATE-LLM: 2).", low=1)
+    fedipr_weight: float = _opt(0.01, "FedIPR: weight alpha of the hinge regulariser "
+                                "alpha * sum relu(margin - b * (E gamma)) (FATE-LLM: 0.01).",
+                                low=0, low_open=True)
+    fedipr_margin: float = _opt(0.05, "FedIPR: hinge margin on the projected carriers (unit-norm "
+                                "projection rows, so in weight units); > 0 keeps the bits "
+                                "stable under aggregation and later fine-tuning.", low=0)
+    fedipr_secret_dir: str = _opt("", "FedIPR: folder on each node where it keeps its secret "
+                                  "(fedipr-secret-<partition-id>.json, reused by later runs) so "
+                                  "its owner can verify a leaked model; empty = only the node's "
+                                  "context.state. The server never reads it.")
+    # --- InferDPT private inference (algorithm="inferdpt"; see privacy/inferdpt.py)
+    inferdpt_remote_model: str = _opt("builtin:smollm2-135m-instruct", "InferDPT: the server's "
+                                      "(remote) LLM that answers the perturbed prompts; the "
+                                      "clients' local model, which perturbs and extracts, is "
+                                      "`model`.")
+    inferdpt_epsilon: float = _opt(3.0, "InferDPT: privacy budget per prompt token of the "
+                                   "RANTEXT exponential mechanism (0 = no perturbation, "
+                                   "not private).", low=0)
+    inferdpt_top_k: int = _opt(64, "InferDPT: size of each token's embedding-distance "
+                               "neighbourhood the replacement is drawn from.", low=2)
+    inferdpt_queries: int = _opt(4, "InferDPT: prompts each client asks per round (from its "
+                                 "own data).", low=1)
     # --- evaluation
     server_eval: bool = _opt(True, "Evaluate the global model on the held-out test set "
                              "every round (round 0 = zero-shot base model).")
@@ -221,6 +325,13 @@ class Config:
     resume_from: str = _opt("", "A previous run folder: continue from its last round.")
     save_every_round: bool = _opt(True, "Save the global adapter/model after every round.")
     plots: bool = _opt(True, "Write PNG plots at the end of the run.")
+    tracker: str = _opt("none", "Experiment tracker for round metrics, bytes, epsilon and "
+                        "timings: tensorboard (event files in the run folder), mlflow or wandb "
+                        "(optional extra `tracking`; see fatellm_flwr/tracking.py).",
+                        ("none", "tensorboard", "mlflow", "wandb"))
+    log_level: str = _opt("INFO", "Log level of the server and client apps (third-party "
+                          "deprecation noise is filtered at any level).",
+                          ("DEBUG", "INFO", "WARNING", "ERROR"))
     # --- fault injection (testing fault tolerance)
     fail_partitions: str = _opt("", "Comma-separated partition ids whose fit raises an "
                                 "injected error (to exercise failure handling and SecAgg+ "
@@ -233,6 +344,29 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"fail-partitions={self.fail_partitions!r} must be "
                               "comma-separated integers") from e
+
+    @property
+    def lora_rank_list(self) -> list[int]:
+        """``lora-ranks`` as integers (empty when not set)."""
+        try:
+            ranks = [int(r) for r in self.lora_ranks.split(",") if r.strip()]
+        except ValueError as e:
+            raise ConfigError(f"lora-ranks={self.lora_ranks!r} must be comma-separated "
+                              "integers >= 1, e.g. '4,8,16'") from e
+        if any(r < 1 for r in ranks):
+            raise ConfigError(f"lora-ranks={self.lora_ranks!r} must be comma-separated "
+                              "integers >= 1, e.g. '4,8,16'")
+        return ranks
+
+    @property
+    def slm_model_list(self) -> list[str]:
+        return [m.strip() for m in self.slm_models.split(",") if m.strip()]
+
+    @property
+    def flexlora(self) -> bool:
+        """Whether homo aggregates LoRA with FlexLoRA."""
+        return self.lora_aggregation == "flexlora" or (
+            self.lora_aggregation == "auto" and len(set(self.lora_rank_list)) > 1)
 
     # ----------------------------------------------------------------------------------
     @classmethod
@@ -267,12 +401,36 @@ class Config:
                                        **{k.replace("_", "-"): v for k, v in changes.items()}})
 
     @property
+    def label_list(self) -> tuple[str, ...]:
+        """``labels`` as a tuple (order kept, blanks and duplicates dropped)."""
+        out: list[str] = []
+        for name in (x.strip() for x in self.labels.split(",")):
+            if name and name not in out:
+                out.append(name)
+        return tuple(out)
+
+    @property
     def target_module_list(self) -> list[str] | None:
         names = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         return names or None
 
     def _check_combinations(self) -> None:
         _ = self.failing_partitions
+        self._check_heterogeneous()
+        self._check_fedipr_inferdpt()
+        from .device import check_device_spec
+
+        try:
+            check_device_spec(self.device)
+        except ValueError as e:
+            raise ConfigError(f"run-config key 'device' has value {self.device!r}; allowed: "
+                              "auto, cpu, cuda, cuda:N (N = GPU index), mps") from e
+        if self.node_data_path and "{partition-id}" not in self.node_data_path:
+            raise ConfigError(f"run-config key 'node-data-path' has value "
+                              f"{self.node_data_path!r}; it must contain '{{partition-id}}'")
+        if self.labels and len(self.label_list) < 2:
+            raise ConfigError(f"run-config key 'labels' has value {self.labels!r}; it must "
+                              "name at least 2 distinct comma-separated labels")
         if self.min_available_clients < self.min_fit_clients:
             raise ConfigError(
                 f"min-available-clients={self.min_available_clients} is smaller than "
@@ -286,6 +444,16 @@ class Config:
                 "dp-sgd=true needs exactly one of dp-noise-multiplier > 0 or "
                 f"dp-target-epsilon > 0 (got {self.dp_noise_multiplier} and "
                 f"{self.dp_target_epsilon})")
+        if (self.client_dp.endswith("-adaptive") and self.client_dp_noise_multiplier > 0
+                and 0 < self.client_dp_clipped_count_stddev
+                <= self.client_dp_noise_multiplier / 2):
+            raise ConfigError(
+                f"client-dp-clipped-count-stddev={self.client_dp_clipped_count_stddev} is too "
+                f"small for client-dp-noise-multiplier={self.client_dp_noise_multiplier}: "
+                "adaptive clipping splits that noise between the update and the clipped count "
+                "(Andrew et al. 2021), which needs client-dp-clipped-count-stddev > "
+                f"client-dp-noise-multiplier / 2 = {self.client_dp_noise_multiplier / 2}; "
+                "raise it, or set 0 for max(sampled clients / 20, client-dp-noise-multiplier)")
         if self.secure_aggregation and self.client_dp.startswith("server-"):
             raise ConfigError(
                 f"client-dp={self.client_dp!r} cannot run with secure-aggregation=true: "
@@ -301,6 +469,58 @@ class Config:
                 f"secagg-reconstruction-threshold={self.secagg_reconstruction_threshold} "
                 f"exceeds secagg-num-shares={self.secagg_num_shares}")
 
+
+    def _check_fedipr_inferdpt(self) -> None:
+        """FedIPR and InferDPT combinations that cannot run."""
+        if self.fedipr and self.algorithm != "homo":
+            raise ConfigError(f"fedipr=true needs algorithm='homo', got {self.algorithm!r}")
+        if self.fedipr and self.peft_method not in ("lora", "ia3"):
+            raise ConfigError(f"fedipr=true needs peft-method 'lora' or 'ia3' (the norm "
+                              f"scales are trained next to the adapter), got "
+                              f"{self.peft_method!r}")
+        if self.fedipr and self.flexlora:
+            raise ConfigError("fedipr=true cannot run with FlexLoRA (lora-aggregation=flexlora"
+                              " or differing lora-ranks)")
+        if self.algorithm == "inferdpt":
+            for key, on in (("secure-aggregation", self.secure_aggregation),
+                            ("dp-sgd", self.dp_sgd), ("client-dp", self.client_dp != "none")):
+                if on:
+                    raise ConfigError(f"{key} does not apply to algorithm='inferdpt': clients "
+                                      "send perturbed prompts (text), not weight updates")
+
+    def _check_heterogeneous(self) -> None:
+        """FlexLoRA and FedMKT combinations that cannot run."""
+        _ = self.lora_rank_list
+        if self.flexlora and self.algorithm == "homo":
+            if self.peft_method != "lora":
+                raise ConfigError(f"lora-aggregation=flexlora (or differing lora-ranks) needs "
+                                  f"peft-method='lora', got {self.peft_method!r}")
+            if self.aggregator not in ("fedavg", "fedprox"):
+                raise ConfigError(f"aggregator={self.aggregator!r} cannot run with FlexLoRA "
+                                  "(lora-aggregation=flexlora or differing lora-ranks): it "
+                                  "averages products B·A; use aggregator='fedavg' or 'fedprox'")
+            if self.secure_aggregation or self.client_dp != "none":
+                raise ConfigError("FlexLoRA (lora-aggregation=flexlora or differing "
+                                  "lora-ranks) cannot run with secure-aggregation or client-dp:"
+                                  " clients' tensors have different shapes")
+        if self.algorithm != "fedmkt":
+            return
+        if not self.slm_model_list:
+            raise ConfigError("slm-models is empty: name at least one small LM, e.g. "
+                              "'builtin:smollm2-135m-instruct'")
+        if self.public_dataset and self.public_dataset == self.dataset:
+            raise ConfigError(f"public-dataset={self.public_dataset!r} is the clients' dataset:"
+                              " FedMKT's public set must be data every party may see (empty = "
+                              "a held-out slice no client receives)")
+        if not self.public_dataset and self.fedmkt_public_size >= self.test_size:
+            raise ConfigError(f"fedmkt-public-size={self.fedmkt_public_size} must be smaller "
+                              f"than test-size={self.test_size}: with public-dataset='' the "
+                              "public set is carved out of the server's held-out test split")
+        for key, on in (("secure-aggregation", self.secure_aggregation),
+                        ("dp-sgd", self.dp_sgd), ("client-dp", self.client_dp != "none")):
+            if on:
+                raise ConfigError(f"{key} does not apply to algorithm='fedmkt': clients send "
+                                  "top-k logits on public data, not summable weight updates")
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert ``value`` to the field's type and check its bounds/choices."""
@@ -361,3 +581,80 @@ def config_table_markdown(app_config: Mapping[str, Any] | None = None) -> str:
         help_ = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
         rows.append(f"| `{key}` | {shown} | {help_} |")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------- offline check
+def app_config_defaults(project_dir: str | Path | None = None) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml (``project_dir``, else this
+    source checkout), flattened as Flower reads it; ``{}`` when there is none (an installed
+    wheel), and then the library defaults of :class:`Config` apply."""
+    from flwr.common.config import flatten_dict
+
+    root = Path(project_dir) if project_dir is not None else Path(__file__).resolve().parents[1]
+    path = root / "pyproject.toml"
+    if not path.is_file():
+        if project_dir is not None:
+            raise ConfigError(f"no pyproject.toml in {str(root)!r}")
+        return {}
+    with path.open("rb") as f:
+        app = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {})
+    return flatten_dict(app.get("config", {}))
+
+
+def parse_run_config(overrides: str) -> dict[str, Any]:
+    """``k=v k2="s"`` pairs exactly as ``flwr run --run-config`` parses them (values are TOML:
+    strings need quotes). A pair that is not valid TOML raises :class:`ConfigError` naming it."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([overrides]) if overrides.strip() else {}
+    except (click.ClickException, ValueError) as e:
+        for pair in overrides.split():
+            try:
+                parse_config_args([pair])
+            except (click.ClickException, ValueError):
+                key, _, value = pair.partition("=")
+                raise ConfigError(
+                    f"run-config pair {pair!r} is not valid: the value of {key!r} must be a "
+                    f"TOML bool, number or quoted string (e.g. {key}=\"{value}\")") from e
+        raise ConfigError(f"run-config {overrides!r} is not valid: {e}") from e
+
+
+def check_run_config(overrides: str | Mapping[str, Any] = "",
+                     project_dir: str | Path | None = None) -> Config:
+    """Validate ``--run-config`` overrides offline, as a run would, and return the Config.
+
+    ``overrides`` is the string given to ``flwr run --run-config`` (``k=v k2="s"``) or an
+    already-parsed mapping. They are laid over pyproject's ``[tool.flwr.app.config]``
+    defaults, like the SuperLink does; but where the SuperLink refuses an unknown key with
+    only "Invalid run configuration", this raises :class:`ConfigError` naming the key (with
+    the closest known key), and every bad value or combination as a run would.
+    """
+    parsed = parse_run_config(overrides) if isinstance(overrides, str) else dict(overrides)
+    defaults = app_config_defaults(project_dir)
+    unknown = [k for k in parsed if k not in defaults] if defaults else []
+    for key in unknown:
+        if key.replace("-", "_") in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"run-config key {key!r} is a Config field but missing from "
+                              "pyproject.toml [tool.flwr.app.config], so Flower refuses it: "
+                              "run scripts/sync_config.py")
+    return Config.from_run_config({**defaults, **parsed})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fatellm_flwr.config "k=v k2='s'"``: print ``OK`` or the ConfigError."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        check_run_config(" ".join(args))
+    except ConfigError as e:
+        print(f"ConfigError: {e}", file=sys.stderr)
+        return 2
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

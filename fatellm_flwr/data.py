@@ -10,6 +10,7 @@ seed, so clients and server agree without talking.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import sys
@@ -41,7 +42,107 @@ class DataError(ValueError):
     """A dataset that cannot be used as configured, with the reason."""
 
 
+class EmptyPartitionError(DataError):
+    """A client partition with nothing to train on (its client is skipped, not failed)."""
+
+
+# ``num-partitions`` of a SuperNode that reads its own data (node config ``data-path``):
+# the whole file is the node's data, nothing is partitioned or held out.
+NODE_LOCAL = 0
+NODE_DATA_COLUMNS = ("text-column", "label-column", "instruction-column", "input-column",
+                     "output-column")
+
+
+def node_local_config(cfg: Config, node_config) -> Config | None:
+    """``cfg`` pointed at this SuperNode's own data, or None when it has none.
+
+    Node config ``data-path=/data/org-a.jsonl`` (a json/jsonl/csv/parquet file on this
+    machine), optionally with its own column names (``text-column=body`` ...); in simulation
+    the run config's ``node-data-path`` template (``{partition-id}`` filled in) plays that
+    role. The run config's columns are the federation's defaults; what all parties must
+    agree on (the ``labels`` set, ``prompt-template``) stays in the run config.
+    """
+    path = str(node_config.get("data-path", "") or "")
+    where = "node config data-path"
+    if not path and cfg.node_data_path and "partition-id" in node_config:
+        path = cfg.node_data_path.replace("{partition-id}", str(node_config["partition-id"]))
+        where = "run-config node-data-path"
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"{where}={path!r}: no such file on this node")
+    changes: dict[str, Any] = {"dataset": path, "test_size": 0}
+    for key in NODE_DATA_COLUMNS:
+        if node_config.get(key):
+            changes[key.replace("-", "_")] = str(node_config[key])
+    return cfg.replace(**changes)
+
+
+def agreed_labels(cfg: Config, found: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The label set every party uses, in a stable order: run-config ``labels`` when set
+    (the data's labels must lie inside it), else the sorted labels ``found`` in the data."""
+    if cfg.label_list:
+        outside = sorted(set(found) - set(cfg.label_list))
+        if outside:
+            raise DataError(
+                f"{where} has label(s) {outside} outside the agreed label set "
+                f"{list(cfg.label_list)} (run-config `labels`); fix the data or the labels key")
+        return cfg.label_list
+    if len(found) < 2:
+        raise DataError(f"column {cfg.label_column!r} of {where} has {len(found)} distinct "
+                        "label(s); classification needs at least 2")
+    return found
+
+
 # --------------------------------------------------------------------------- loading
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+def _file_problem(path: Path, suffix: str) -> str | None:
+    """Why a local dataset file cannot be read, found before ``datasets`` hides it (an empty
+    jsonl raises a bare ``StopIteration`` there, a non-UTF-8 csv a generic
+    ``DatasetGenerationError``); None when the file looks readable."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): it needs a header or keys and at least one row"
+    if suffix not in _TEXT_SUFFIXES:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = lines = 0
+    blank = True
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            buffered = decoder.getstate()[0]  # an incomplete sequence from the last chunk
+            pending = len(buffered)
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                data = buffered + chunk
+                pos = offset - pending + e.start
+                line = lines + chunk[: max(0, e.start - pending)].count(b"\n") + 1
+                bad = data[e.start:e.end].hex(" ")
+                hint = (" (it starts with a UTF-16 byte-order mark: re-save it as UTF-8)"
+                        if pos == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff") else
+                        ": re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`")
+                return (f"is not valid UTF-8: byte(s) {bad} at byte offset {pos} (line {line}) "
+                        f"cannot be decoded ({e.reason}){hint}")
+            blank = blank and not text.strip()
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    if blank:
+        return f"contains only whitespace ({size} bytes): it needs at least one row"
+    return None
+
+
+def _root_cause(e: BaseException) -> str:
+    """``Type: message`` of an exception and of the innermost exception that caused it."""
+    inner = e
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    msg = f"{type(e).__name__}: {e}"
+    return msg if inner is e else f"{msg} (caused by {type(inner).__name__}: {inner})"
+
+
 def load_raw_dataset(cfg: Config) -> datasets.Dataset:
     """Read ``cfg.dataset`` as a :class:`datasets.Dataset` (no formatting yet)."""
     ref = cfg.dataset
@@ -57,12 +158,19 @@ def load_raw_dataset(cfg: Config) -> datasets.Dataset:
         if suffix not in _FILE_BUILDERS:
             raise DataError(f"dataset file {ref!r} has suffix {suffix!r}; allowed: "
                             f"{', '.join(_FILE_BUILDERS)}")
+        problem = _file_problem(path, suffix)
+        if problem:
+            raise DataError(f"dataset file {ref!r} {problem}")
         try:
-            return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path),
-                                         split="train")
+            ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path),
+                                       split="train")
         except Exception as e:
-            raise DataError(f"could not read dataset file {ref!r}: {type(e).__name__}: {e}") \
-                from e
+            if "corresponds to no data" in str(e):  # `[]` json, csv with a header only
+                raise DataError(f"dataset file {ref!r} has no rows") from e
+            raise DataError(f"could not read dataset file {ref!r}: {_root_cause(e)}") from e
+        if len(ds) == 0:
+            raise DataError(f"dataset file {ref!r} has no rows (columns: {ds.column_names})")
+        return ds
     try:
         return datasets.load_dataset(ref, split=cfg.dataset_split)
     except Exception as e:
@@ -81,9 +189,15 @@ def resolve_task(cfg: Config, columns: list[str]) -> str:
     }
     task = cfg.task
     if task == "auto":
-        for candidate in ("instruction", "classification", "lm"):
+        order = ("instruction", "classification", "lm")  # the first whose columns exist
+        for candidate in order:
             if all(c in columns for c in need[candidate]):
                 task = candidate
+                passed = [f"{t} (needs {need[t]})" for t in order[:order.index(task)]]
+                log.info("task=auto picked task=%r for dataset %r from its columns %s: it "
+                         "has %s%s. Set `task` to choose another.", task, cfg.dataset,
+                         columns, need[task],
+                         f"; not {', '.join(passed)}" if passed else "")
                 break
         else:
             raise DataError(
@@ -194,13 +308,21 @@ class FederatedData:
     partition_by: str | None
     num_partitions: int
     _partitioner: Any
+    pool_name: str = ""
 
     def partition(self, partition_id: int) -> datasets.Dataset:
+        if self.num_partitions == NODE_LOCAL:  # this node's own file, whole
+            if len(self.pool) == 0:
+                raise EmptyPartitionError(f"this node's data {self.pool_name!r} is empty")
+            return self.pool
         if not 0 <= partition_id < self.num_partitions:
             raise DataError(f"partition-id {partition_id} out of range 0..{self.num_partitions-1}")
-        part = self._partitioner.load_partition(partition_id)
+        try:
+            part = self._partitioner.load_partition(partition_id)
+        except IndexError:  # flwr-datasets' IID shards past the last example: empty
+            part = self.pool.select([])
         if len(part) == 0:
-            raise DataError(
+            raise EmptyPartitionError(
                 f"partition {partition_id} of {self.num_partitions} is empty: "
                 f"{len(self.pool)} examples for {self.num_partitions} clients with "
                 f"partitioner={type(self._partitioner).__name__}; use fewer clients, more data "
@@ -212,6 +334,10 @@ class FederatedData:
         part = self.partition(partition_id)
         n_val = int(math.floor(len(part) * val_fraction))
         if n_val == 0 or len(part) - n_val < 1:
+            if val_fraction > 0:
+                log.warning("partition %d: val-fraction=%g of its %d examples leaves no "
+                            "validation example; this client trains on all and validates on "
+                            "none", partition_id, val_fraction, len(part))
             return part, part.select([])
         split = part.train_test_split(test_size=n_val, seed=seed)
         return split["train"], split["test"]
@@ -224,7 +350,10 @@ def _stratified_subset(ds: datasets.Dataset, n: int, column: str | None, seed: i
         return ds.shuffle(seed=seed).select(range(n))
     try:
         return ds.train_test_split(train_size=n, seed=seed, stratify_by_column=column)["train"]
-    except ValueError:  # too few of some class to stratify: fall back to a random subset
+    except ValueError as e:  # too few of some class to stratify: fall back to a random subset
+        log.warning("max-examples=%d: a subset stratified by %r is impossible (%s); using a "
+                    "random subset instead, so its class balance may differ from the data's",
+                    n, column, e)
         return ds.shuffle(seed=seed).select(range(n))
 
 
@@ -236,7 +365,7 @@ def split_pool_and_test(cfg: Config) -> tuple[TaskData, datasets.Dataset, datase
     Cached per process: server and clients derive the same split from the seed.
     """
     key = (cfg.dataset, cfg.dataset_split, cfg.task, cfg.text_column, cfg.label_column,
-           cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
+           cfg.labels, cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
            cfg.partitioner, cfg.partition_column, cfg.seed)
     if key not in _SPLIT_CACHE:
         _SPLIT_CACHE.clear()
@@ -254,10 +383,8 @@ def _split_pool_and_test(cfg: Config):
     if task == "classification":
         raw = raw.map(lambda r: {cfg.label_column: str(r[cfg.label_column])},
                       load_from_cache_file=False)
-        label_names = tuple(sorted(set(raw[cfg.label_column])))
-        if len(label_names) < 2:
-            raise DataError(f"column {cfg.label_column!r} has {len(label_names)} distinct "
-                            "label(s); classification needs at least 2")
+        label_names = agreed_labels(cfg, tuple(sorted(set(raw[cfg.label_column]))),
+                                    f"dataset {cfg.dataset!r}")
     partition_by = cfg.partition_column or (
         cfg.label_column if task == "classification"
         else "category" if "category" in raw.column_names else None)
@@ -278,7 +405,10 @@ def _split_pool_and_test(cfg: Config):
         try:
             split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed,
                                          stratify_by_column=strat)
-        except ValueError:
+        except ValueError as e:
+            log.warning("test-size=%d: a test set stratified by %r is impossible (%s); holding "
+                        "out a random test set instead, so its class balance may differ from "
+                        "the data's", cfg.test_size, strat, e)
             split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
         pool, test = split["train"], split["test"]
     else:
@@ -302,12 +432,20 @@ def build_federated_data(cfg: Config, num_partitions: int) -> FederatedData:
         PathologicalPartitioner,
     )
 
+    if num_partitions == NODE_LOCAL:
+        task_data, pool, test, _ = split_pool_and_test(cfg.replace(test_size=0))
+        if task_data.task == "classification" and not cfg.label_list:
+            raise DataError(
+                f"this SuperNode reads its own data ({cfg.dataset!r}): classification needs "
+                "the label set all parties agree on in the run config, e.g. --run-config "
+                "\"labels='business,sport,tech'\"")
+        return FederatedData(task_data, pool, test, None, NODE_LOCAL, None, cfg.dataset)
     if num_partitions < 1:
         raise DataError(f"num-partitions must be >= 1, got {num_partitions}")
     task_data, pool, test, partition_by = split_pool_and_test(cfg)
     if len(pool) < num_partitions:
-        raise DataError(f"{len(pool)} training examples cannot fill {num_partitions} client "
-                        "partitions: use fewer clients or more data")
+        log.warning("%d training examples for %d client partitions: some partitions are "
+                    "empty and their clients will be skipped", len(pool), num_partitions)
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions)
     elif cfg.partitioner == "dirichlet":
@@ -337,12 +475,32 @@ def build_federated_data(cfg: Config, num_partitions: int) -> FederatedData:
                                                       sort_unique_ids=True)
     partitioner.dataset = pool
     try:
-        for pid in range(num_partitions):
+        for pid in range(min(num_partitions, len(pool))):  # later ones may be empty shards
             partitioner.load_partition(pid)
     except ValueError as e:
         raise DataError(f"partitioner {cfg.partitioner!r} failed for {num_partitions} clients "
                         f"over {len(pool)} examples: {e}") from e
-    return FederatedData(task_data, pool, test, partition_by, num_partitions, partitioner)
+    return FederatedData(task_data, pool, test, partition_by, num_partitions, partitioner,
+                         cfg.dataset)
+
+
+def server_eval_sets(cfg: Config) -> tuple[TaskData | None, datasets.Dataset]:
+    """``(task data, raw evaluation set)`` the server evaluates on.
+
+    ``server-eval-dataset`` empty: the test-size examples held out of ``dataset``
+    (simulation, where the server may read it); ``none``: no server data at all
+    (``(None, empty)``; the clients' aggregated evaluation is what there is); anything
+    else: the server's own file/builtin/hub set, at most test-size examples of it.
+    """
+    ref = cfg.server_eval_dataset
+    if ref == "":
+        task_data, _, test, _ = split_pool_and_test(cfg)
+        return task_data, test
+    if ref == "none":
+        return None, datasets.Dataset.from_dict({})
+    own = cfg.replace(dataset=ref, test_size=0, max_examples=cfg.test_size)
+    task_data, pool, _, _ = split_pool_and_test(own)
+    return task_data, pool
 
 
 _DATA_CACHE: dict[tuple, FederatedData] = {}
@@ -351,7 +509,7 @@ _DATA_CACHE: dict[tuple, FederatedData] = {}
 def federated_data(cfg: Config, num_partitions: int) -> FederatedData:
     """:func:`build_federated_data`, cached per process (clients of one actor share it)."""
     key = (cfg.dataset, cfg.dataset_split, cfg.task, cfg.text_column, cfg.label_column,
-           cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
+           cfg.labels, cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
            cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.partition_column,
            cfg.seed, num_partitions)
     if key not in _DATA_CACHE:

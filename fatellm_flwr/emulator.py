@@ -36,16 +36,10 @@ __all__ = [
     "emulator_from_payload",
     "mark_adapters_trainable",
     "merge_lora",
+    "per_layer_keys",
     "plug_in",
     "set_decoder_blocks",
 ]
-
-# (dotted path of the block list, human name) for every supported family, tried in order.
-_BLOCK_PATHS: tuple[tuple[str, str], ...] = (
-    ("model.layers", "Llama/Qwen2/Gemma3/Mistral-style `model.layers`"),
-    ("transformer.h", "GPT-2-style `transformer.h`"),
-    ("model.decoder.layers", "OPT-style `model.decoder.layers`"),
-)
 
 # Config attribute recording, for each emulator block, its index in the full model.
 KEPT_LAYERS_ATTR = "offsite_kept_layers"
@@ -76,20 +70,49 @@ def _get_path(root: nn.Module, path: str) -> nn.Module | None:
     return obj if isinstance(obj, nn.Module) else None
 
 
+def _find_blocks(inner: nn.Module) -> str | None:
+    """Dotted path of the decoder block list, found from the modules themselves.
+
+    The candidates are ``nn.ModuleList``s whose entries are all of one (non-leaf-layer) class
+    and that hold two or more of them, or exactly the config's depth (GPT-NeoX
+    ``gpt_neox.layers``, MPT ``transformer.blocks``, Llama ``model.layers``, GPT-2
+    ``transformer.h``, OPT ``model.decoder.layers``, ...). One whose length is the config's
+    ``num_hidden_layers`` wins (not a longer list of MoE experts); then the longest; then the
+    shallowest path. Embeddings, final norm and head need no finding: the emulator is a copy
+    of the whole model with only dropped blocks left out.
+    """
+    depth = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+    best: tuple | None = None
+    for name, module in inner.named_modules():
+        if not name or not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(block) for block in module}
+        if len(kinds) != 1 or next(iter(kinds)) in (nn.Linear, nn.Embedding, nn.LayerNorm):
+            continue
+        if len(module) < 2 and len(module) != depth:
+            continue
+        rank = (len(module) == depth, len(module), -name.count("."))
+        if best is None or rank > best[0]:
+            best = (rank, name)
+    return None if best is None else best[1]
+
+
 def blocks_prefix(model: nn.Module) -> str:
     """Dotted path of the decoder block list in ``model`` (e.g. ``"model.layers"``).
 
-    For a peft-wrapped model this is the path inside the unwrapped transformers model.
+    Found generically by :func:`_find_blocks`; for a peft-wrapped model this is the path inside
+    the unwrapped transformers model.
     """
     inner = _unwrap(model)
-    for path, _ in _BLOCK_PATHS:
-        if isinstance(_get_path(inner, path), nn.ModuleList):
-            return path
-    supported = "; ".join(f"{desc}" for _, desc in _BLOCK_PATHS)
-    raise TypeError(
-        f"cannot find the decoder blocks of {type(inner).__name__}; supported layouts: {supported} "
-        "(Llama, Qwen2, Gemma3, GPT-2, OPT causal LMs, optionally wrapped by peft)"
-    )
+    path = _find_blocks(inner)
+    if path is None:
+        raise TypeError(
+            f"cannot find the decoder blocks of {type(inner).__name__}: it has no nn.ModuleList "
+            "of identical blocks (supported layouts: any decoder-only causal LM whose blocks sit "
+            "in one ModuleList, e.g. `model.layers`, `transformer.h`, `gpt_neox.layers`, "
+            "`transformer.blocks`, `model.decoder.layers`; optionally wrapped by peft)"
+        )
+    return path
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -219,30 +242,57 @@ def _check_depth(model: nn.Module, expected: int, what: str) -> None:
         raise ValueError(f"{what} has {depth} decoder blocks but the split expects {expected}")
 
 
+# Per-block attributes holding the block's KV-cache slot (Llama/Qwen2/Gemma3/OPT/GPT-NeoX/Falcon/
+# Bloom/MPT... ``layer_idx``; GPT-Neo ``layer_id``).
+_LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
+# Per-layer config lists that another key encodes in compressed form, rewritten to match:
+# GPT-Neo's ``attention_layers`` is expanded from run-length ``attention_types``.
+_RUN_LENGTH_KEYS = {"attention_layers": "attention_types"}
+# Config keys that are lists but never per-layer (token ids, architecture names, ...).
+_NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens",
+                            "begin_suppress_tokens", "forced_decoder_ids", "task_specific_params"})
+
+
 def _fix_layer_metadata(model: nn.Module, full_indices: list[int]) -> None:
     """Renumber per-block metadata after layer drop.
 
-    ``layer_idx`` (KV-cache slot; Llama/Qwen2/Gemma3/OPT attention, GPT-2 attention, Gemma3 decoder
-    layer) becomes the block's new position. GPT-2's ``scale_attn_by_inverse_layer_idx`` scaling
-    stays that of the block's *original* index so the block computes exactly what it did in the
-    full model. ``layer_type``/``is_sliding`` need no change: they travel with each block and the
-    config's ``layer_types`` is sliced the same way.
+    ``layer_idx``/``layer_id`` (KV-cache slot) becomes the block's new position. GPT-2's
+    ``scale_attn_by_inverse_layer_idx`` scaling stays that of the block's *original* index so the
+    block computes exactly what it did in the full model. ``layer_type``/``is_sliding``/
+    ``attention_type`` need no change: they travel with each block and the config's per-layer
+    lists are sliced the same way (:func:`_slice_config`).
     """
     for pos, block in enumerate(decoder_blocks(model)):
         for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = pos
+            for attr in _LAYER_INDEX_ATTRS:
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, pos)
             if getattr(module, "scale_attn_by_inverse_layer_idx", False):
                 scaling = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
                 module.scaling = scaling / float(full_indices[pos] + 1)
 
 
+def per_layer_keys(config, num_layers: int) -> list[str]:
+    """Config keys holding one entry per decoder block (``layer_types``, GPT-Neo's
+    ``attention_layers``, per-layer window sizes, ...): every list of ``num_layers`` entries
+    that is not a token-id or name list."""
+    return sorted(
+        k for k, v in config.to_dict().items()
+        if isinstance(v, (list, tuple)) and len(v) == num_layers and k not in _NOT_PER_LAYER
+        and "token" not in k and k != KEPT_LAYERS_ATTR
+    )
+
+
 def _slice_config(config, full_indices: list[int], num_full: int) -> None:
-    """Set depth, per-layer lists and the kept-layer map on an (already copied) config."""
-    config.num_hidden_layers = len(full_indices)  # GPT-2 maps this to n_layer
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_full:
-        config.layer_types = [layer_types[i] for i in full_indices]
+    """Set depth, every per-layer list and the kept-layer map on an (already copied) config."""
+    keys = per_layer_keys(config, num_full)
+    config.num_hidden_layers = len(full_indices)  # attribute_map: n_layer, num_layers, n_layers
+    for key in keys:
+        values = getattr(config, key)
+        sliced = [values[i] for i in full_indices]
+        setattr(config, key, type(values)(sliced) if isinstance(values, tuple) else sliced)
+        if key in _RUN_LENGTH_KEYS and hasattr(config, _RUN_LENGTH_KEYS[key]):
+            setattr(config, _RUN_LENGTH_KEYS[key], [[sliced, 1]])
     previous = getattr(config, KEPT_LAYERS_ATTR, None)
     # composing with an earlier layer drop keeps indices relative to the original model
     setattr(
@@ -256,9 +306,11 @@ def build_emulator(full_model: nn.Module, split: OffsiteSplit) -> nn.Module:
     """A new model with blocks ``[bottom adapters] + [emulator] + [top adapters]`` (paper Sec. 3).
 
     Everything is deep-copied (independent storage; tied heads stay tied inside the copy); the
-    dropped middle blocks are never copied. ``config.num_hidden_layers`` and ``layer_types`` are
-    sliced, ``config.offsite_kept_layers`` records each block's full-model index, per-block
-    ``layer_idx`` is renumbered (KV cache) so forward, backward and ``generate`` work.
+    dropped middle blocks are never copied. ``config.num_hidden_layers`` and every per-layer list
+    (:func:`per_layer_keys`) are sliced, ``config.offsite_kept_layers`` records each block's
+    full-model index, per-block ``layer_idx`` is renumbered (KV cache) so forward, backward and
+    ``generate`` work. The block list is found generically (:func:`blocks_prefix`), so any
+    decoder-only layout works: Llama, GPT-2, OPT, GPT-NeoX, MPT, Falcon, Bloom, Phi, GPT-J, ...
     """
     if _is_peft(full_model):
         raise TypeError("build_emulator needs a plain transformers model; merge_and_unload() first")

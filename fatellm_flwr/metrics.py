@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import Config
 from .data import TaskData, collate, encode_example
+from .device import model_device, to_device
 from .train import evaluate_loss
 
 
@@ -85,10 +86,11 @@ def _logits_at(model, enc: dict[str, torch.Tensor], positions: torch.Tensor) -> 
 
     Soft-prompt PEFT models prepend virtual tokens to the logits: the offset is skipped.
     """
-    logits = model(**enc).logits
+    logits = model(**to_device(enc, model_device(model))).logits
     offset = logits.shape[1] - enc["input_ids"].shape[1]
-    rows = torch.arange(logits.shape[0])
-    return torch.log_softmax(logits[rows, positions + offset].float(), dim=-1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.log_softmax(logits[rows, positions.to(logits.device) + offset].float(),
+                             dim=-1).cpu()
 
 
 def _next_token_logprobs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -104,9 +106,10 @@ def _sequence_logprob(model, tokenizer, prompt: str, cand: list[list[int]]) -> t
     pad = tokenizer.pad_token_id
     ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    device = model_device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     offset = logits.shape[1] - ids.shape[1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
     out = []
     for i, c in enumerate(cand):
         pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(c)) + offset
@@ -121,9 +124,10 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens
     model.eval()
     outs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = _left_padded(tokenizer, prompts[start:start + batch_size])
+        enc = to_device(_left_padded(tokenizer, prompts[start:start + batch_size]),
+                        model_device(model))
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id).cpu()
         outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
                                        skip_special_tokens=True)
     return outs
@@ -152,11 +156,13 @@ def loss_and_label_accuracy(model: nn.Module, tokenized: datasets.Dataset,
     """
     model.eval()
     total, tokens, correct = 0.0, 0, 0
-    first = torch.tensor(label_first_tokens)
+    device = model_device(model)
+    first = torch.tensor(label_first_tokens, device=device)
     for start in range(0, len(tokenized), batch_size):
         rows = tokenized.select(range(start, min(len(tokenized), start + batch_size)))
         batch = collate(rows.select_columns(["input_ids", "attention_mask", "labels"]).to_list(),
                         pad_id)
+        batch = to_device(batch, device)
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits.float()
         logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # soft prompts
@@ -168,8 +174,9 @@ def loss_and_label_accuracy(model: nn.Module, tokenized: datasets.Dataset,
         total += nll.item()
         tokens += int(mask.sum())
         prompt_len = (labels != -100).int().argmax(dim=1)  # first answer token
-        logp = torch.log_softmax(logits[torch.arange(len(rows)), prompt_len - 1], dim=-1)
-        pred = logp[:, first].argmax(dim=1)
+        logp = torch.log_softmax(logits[torch.arange(len(rows), device=device),
+                                        prompt_len - 1], dim=-1)
+        pred = logp[:, first].argmax(dim=1).cpu()
         correct += int((pred == torch.tensor(gold[start:start + len(rows)])).sum())
     return (total / tokens if tokens else float("nan")), correct / max(1, len(tokenized))
 

@@ -8,6 +8,7 @@ only trainable tensors travel: named, in a stable order, as float32 numpy arrays
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -78,7 +79,7 @@ def load_tokenizer(model_ref: str, gguf_file: str = ""):
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise _load_error(model_ref, e) from e
+        raise _load_error(model_ref, e, path) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -86,12 +87,16 @@ def load_tokenizer(model_ref: str, gguf_file: str = ""):
 
 
 def load_base_model(model_ref: str, gguf_file: str = "", quantization: str = "none",
-                    dtype: str = "float32") -> nn.Module:
-    """Load a causal LM by hub id, local folder, or ``builtin:<name>``, optionally quantized."""
+                    dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Load a causal LM by hub id, local folder, or ``builtin:<name>``, optionally quantized,
+    and place it on ``device`` (a spec of :func:`~fatellm_flwr.device.resolve_device`;
+    quantized models are placed by bitsandbytes' ``device_map`` on CUDA)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from .assets import resolve_model_ref
+    from .device import place_model, resolve_device
 
+    dev = resolve_device(device)
     check_quantization_support(quantization)
     path = resolve_model_ref(model_ref)
     kwargs: dict = {"dtype": _DTYPES[dtype]}
@@ -103,27 +108,45 @@ def load_base_model(model_ref: str, gguf_file: str = "", quantization: str = "no
     elif quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available()
-            else torch.bfloat16)
-    if quantization != "none" and torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+            bnb_4bit_compute_dtype=torch.float32 if dev.type != "cuda"
+            else _DTYPES[dtype] if dtype != "float32" else torch.bfloat16)
+    if quantization != "none" and dev.type == "cuda":
+        kwargs["device_map"] = {"": dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise _load_error(model_ref, e) from e
+        raise _load_error(model_ref, e, path) from e
+    model = place_model(model, dev)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def _load_error(model_ref: str, e: Exception) -> ModelLoadError:
+def _load_error(model_ref: str, e: Exception, path: str = "") -> ModelLoadError:
+    """What went wrong loading ``model_ref`` (resolved to ``path``): a broken local folder,
+    or a reference that is neither a folder nor reachable on the hub."""
+    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    folder = Path(path or model_ref)
+    if folder.is_dir():
+        config = folder / "config.json"
+        if not config.is_file():
+            what = (f"it has no config.json (files: "
+                    f"{', '.join(sorted(p.name for p in folder.iterdir())[:10]) or 'none'})")
+        else:
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+                what = f"transformers could not load it ({cause})"
+            except (ValueError, UnicodeDecodeError) as bad:
+                what = f"its config.json is broken: {type(bad).__name__}: {bad}"
+        return ModelLoadError(f"could not load model {model_ref!r}: the local folder "
+                              f"{str(folder)!r} exists but {what}. Fix the file or re-save the "
+                              "model with save_pretrained.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     where = ("it is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
              if offline else "it is neither a local folder nor a reachable hub id")
     return ModelLoadError(
         f"could not load model {model_ref!r}: {where}. Use a local folder, a hub id while "
-        f"online, or a builtin such as 'builtin:smollm2-135m-instruct'. ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''})")
+        f"online, or a builtin such as 'builtin:smollm2-135m-instruct'. ({cause})")
 
 
 # --------------------------------------------------------------------------- PEFT
@@ -156,19 +179,85 @@ def find_target_modules(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _feedforward_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """IA3 scales the *input* of feed-forward down projections (Liu et al. 2022):
-    the targets whose every instance maps a wider input to a narrower output."""
-    shapes: dict[str, list[tuple[int, int]]] = {}
-    for name, mod in model.named_modules():
-        short = name.rsplit(".", 1)[-1]
-        if short in targets and isinstance(mod, _linear_types()):
-            w = mod.weight
-            # Conv1D stores (in, out); nn.Linear (out, in)
-            in_f, out_f = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (
-                getattr(mod, "in_features", w.shape[-1]), getattr(mod, "out_features", w.shape[0]))
-            shapes.setdefault(short, []).append((in_f, out_f))
-    return sorted(n for n, s in shapes.items() if all(i > o for i, o in s))
+def _in_out(mod: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer (GPT-2's Conv1D stores (in, out))."""
+    w = mod.weight
+    if type(mod).__name__ == "Conv1D":
+        return int(w.shape[0]), int(w.shape[1])
+    return (int(getattr(mod, "in_features", w.shape[-1])),
+            int(getattr(mod, "out_features", w.shape[0])))
+
+
+_INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+
+
+def _intermediate_size(config) -> int | None:
+    """The MLP's hidden width from the model config, when it names one."""
+    for key in _INTERMEDIATE_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _is_down_projection(mod: nn.Module, parent: nn.Module, intermediate: int | None) -> bool:
+    """Is ``mod`` the MLP's down projection: a narrowing linear layer next to (same parent)
+    the up projection that maps back exactly (``up: d -> m``, ``down: m -> d``), with ``m``
+    the config's intermediate size when it has one. Attention's k/v projections of
+    grouped-query attention also narrow (576 -> 192 in SmolLM2) but have no such partner."""
+    in_f, out_f = _in_out(mod)
+    if in_f <= out_f or (intermediate is not None and in_f != intermediate):
+        return False
+    return any(other is not mod and isinstance(other, _linear_types())
+               and _in_out(other) == (out_f, in_f) for other in parent.children())
+
+
+def _down_projections(model: nn.Module, instances: dict[str, nn.Module]) -> set[str]:
+    """The names among ``instances`` (name -> linear layer) that are MLP down projections."""
+    intermediate = _intermediate_size(getattr(model, "config", None))
+    return {n for n, mod in instances.items()
+            if _is_down_projection(mod, model.get_submodule(n.rpartition(".")[0]), intermediate)}
+
+
+def _ia3_feedforward(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Name suffixes (peft matches with ``key.endswith``) of the targets that are feed-forward
+    down projections, whose *input* IA3 scales (Liu et al. 2022, "Few-Shot
+    Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning").
+
+    peft's own table (``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``) when it
+    knows the model type, else found from the structure (:func:`_is_down_projection`). A
+    short name is used when every instance of it is feed-forward, else ``parent.name``
+    (GPT-2's ``c_proj`` is both the attention output and the MLP down projection).
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as PEFT_FF
+
+    config = getattr(model, "config", None)
+    instances = {name: mod for name, mod in model.named_modules()
+                 if name.rsplit(".", 1)[-1] in targets and isinstance(mod, _linear_types())}
+    known = PEFT_FF.get(getattr(config, "model_type", None))
+    if known is not None:
+        ff = {n for n in instances if any(n.endswith(k) for k in known)}
+    else:
+        ff = _down_projections(model, instances)
+    suffixes: set[str] = set()
+    for name in ff:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(n.endswith(suffix) for n in instances if n not in ff):
+                suffixes.add(suffix)
+                break
+    return sorted(suffixes)
+
+
+def _fedipr_modules(cfg: Config, model: nn.Module) -> list[str] | None:
+    """FedIPR's carriers: the norm layers of the last ``fedipr-blocks`` blocks, made trainable
+    (and saved with the adapter) through peft's ``modules_to_save``; None when FedIPR is off."""
+    if not getattr(cfg, "fedipr", False):
+        return None
+    from .privacy.fedipr import block_norm_names
+
+    return block_norm_names(model, cfg.fedipr_blocks)
 
 
 def build_peft_config(cfg: Config, model: nn.Module):
@@ -187,10 +276,14 @@ def build_peft_config(cfg: Config, model: nn.Module):
             fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
             return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r,
                               lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, fan_in_fan_out=fan_in_fan_out)
-        ff = _feedforward_modules(model, targets)
-        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets,
-                         feedforward_modules=ff)
+                              target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                              modules_to_save=_fedipr_modules(cfg, model))
+        ff = _ia3_feedforward(model, targets)
+        # peft wants the feed-forward names among the targets (`mlp.c_proj` matches no module
+        # that `c_proj` does not)
+        return IA3Config(task_type=TaskType.CAUSAL_LM,
+                         target_modules=sorted(set(targets) | set(ff)), feedforward_modules=ff,
+                         modules_to_save=_fedipr_modules(cfg, model))
     if cfg.peft_method == "prompt-tuning":
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                   num_virtual_tokens=cfg.num_virtual_tokens)
@@ -205,9 +298,24 @@ def wrap_peft(model: nn.Module, cfg: Config, quantization: str = "none"):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     peft_model = get_peft_model(model, build_peft_config(cfg, model))
     return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' own gradient checkpointing (non-reentrant), with input gradients on so
+    that a frozen embedding still lets gradients reach adapters inside checkpointed blocks."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient-checkpointing=true: {type(model).__name__} does not "
+                         "support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
 
 
 _CACHE: dict[tuple, tuple] = {}
@@ -222,10 +330,11 @@ def load_peft_model(cfg: Config):
     """
     key = (cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype, cfg.peft_method, cfg.lora_r,
            cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.num_virtual_tokens,
-           cfg.seed)
+           cfg.seed, cfg.device, cfg.gradient_checkpointing, cfg.fedipr, cfg.fedipr_blocks)
     if key not in _CACHE:
         tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
-        base = load_base_model(cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype)
+        base = load_base_model(cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype,
+                               cfg.device)
         torch.manual_seed(cfg.seed)
         _CACHE.clear()  # one model per process: never hold two LLMs in memory
         _CACHE[key] = (wrap_peft(base, cfg, cfg.quantization), tokenizer)

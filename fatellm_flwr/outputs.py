@@ -21,6 +21,13 @@ CHECKPOINT = "checkpoint.json"
 STATE = "state.npz"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+RUN_CONFIG = "config.json"
+FINAL = "final"
+# what a saved model folder (round-XXX/ or final/) holds and what loading it needs
+MODEL_MANIFEST = "fatellm-model.json"
+PEFT_ADAPTER = "peft-adapter"  # adapter_config.json + weights; base model named in the manifest
+FULL_MODEL = "full-model"  # a complete transformers model folder
+ZO_COEFFICIENTS = "fedkseed-coefficients"  # FedKSeed's C: replayed onto the base model
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -54,15 +61,28 @@ class RunDir:
     Layout: ``config.json``, ``checkpoint.json`` + ``state.npz`` (last completed round,
     global state, strategy state), ``metrics.json``/``metrics.csv`` (one record per
     round), ``round-XXX/`` (the global adapter or model after each round), ``final/``,
-    ``plots/*.png``.
+    ``plots/*.png``, ``tensorboard/`` (with ``tracker=tensorboard``). Model folders are
+    written by :func:`save_model_folder` (tokenizer + :data:`MODEL_MANIFEST` included).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
+        self.tracker = None  # a fatellm_flwr.tracking.Tracker fed by add_record
         if (self.path / METRICS_JSON).exists():
             self.records = json.loads((self.path / METRICS_JSON).read_text())
+
+    def attach_tracker(self, tracker) -> None:
+        """Send every record added from now on (and those already there) to ``tracker``."""
+        self.tracker = tracker
+        for record in self.records:
+            tracker.log_record(record)
+
+    def close_tracker(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     @classmethod
     def create(cls, output_dir: str, run_name: str, algorithm: str) -> RunDir:
@@ -108,6 +128,8 @@ class RunDir:
         writer.writeheader()
         writer.writerows(self.records)
         atomic_write_bytes(self.path / METRICS_CSV, out.getvalue().encode())
+        if self.tracker is not None:
+            self.tracker.log_record(record)
 
     def summary_table(self) -> str:
         """A plain-text table of the headline metrics per round."""
@@ -171,6 +193,50 @@ class RunDir:
             plt.close(fig)
             written.append(out_dir / "communication.png")
         return written
+
+
+def model_manifest(kind: str, algorithm: str, base_model: str, gguf_file: str = "",
+                   server_round: int = 0) -> dict[str, Any]:
+    """What :data:`MODEL_MANIFEST` holds: the folder's format, algorithm, round, and the base
+    model as the user gave it (plus its absolute path when it is a local folder)."""
+    manifest: dict[str, Any] = {"format": kind, "algorithm": algorithm,
+                                "round": int(server_round), "base_model": base_model,
+                                "gguf_file": gguf_file}
+    if Path(base_model).exists():  # a local folder: also where it was, for other cwds
+        manifest["base_model_abspath"] = str(Path(base_model).resolve())
+    return manifest
+
+
+def save_model_folder(out_dir: str | Path, model, tokenizer, *, kind: str, algorithm: str,
+                      base_model: str, gguf_file: str = "", server_round: int = 0,
+                      extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a self-contained model folder atomically (temp folder, then rename).
+
+    ``model.save_pretrained`` (a peft adapter for ``kind=PEFT_ADAPTER``, a whole model for
+    ``FULL_MODEL``), the tokenizer (with its chat template), ``extra_files``, and
+    :data:`MODEL_MANIFEST`: the kind, algorithm, round, and the base model as the user gave
+    it (hub id, path or ``builtin:<name>``). A peft adapter's ``base_model_name_or_path``
+    is set to that reference too, never to a private cache folder.
+    """
+    from .models import save_adapter
+
+    manifest = model_manifest(kind, algorithm, base_model, gguf_file, server_round)
+
+    class _Folder:  # duck-typed for save_adapter's atomic save
+        def save_pretrained(self, path) -> None:
+            path = Path(path)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            if kind == PEFT_ADAPTER:
+                cfg_path = path / "adapter_config.json"
+                adapter_cfg = json.loads(cfg_path.read_text())
+                adapter_cfg["base_model_name_or_path"] = base_model
+                cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True))
+            for name, data in (extra_files or {}).items():
+                (path / name).write_bytes(data)
+            (path / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    return save_adapter(_Folder(), out_dir)
 
 
 def _fmt(v: Any) -> str:

@@ -12,9 +12,14 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from .algorithms import get_algorithm
 from .config import Config
+from .logging_setup import configure as configure_logging
+from .logging_setup import quiet_known_noise
 from .metrics import CommLedger
 from .outputs import RunDir
+from .strategies.outbox import OutboxGrid
+from .tracking import open_tracker
 
+quiet_known_noise()  # before Ray and the model libraries warn in this process
 app = ServerApp()
 
 
@@ -46,6 +51,7 @@ def _count_or_fraction(value: float) -> int | float:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = Config.from_run_config(context.run_config)
+    configure_logging(cfg.log_level)
     strategy, rounds = build_strategy(cfg)
     log(INFO, "fatellm-flwr: algorithm=%s model=%s dataset=%s rounds=%d, output %s",
         cfg.algorithm, cfg.model, cfg.dataset, rounds, strategy.run.path)
@@ -65,6 +71,22 @@ def main(grid: Grid, context: Context) -> None:
             quantization_range=cfg.secagg_quantization_range)
         log(INFO, "Secure aggregation: SecAgg+ (%s shares, threshold %s)",
             cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-    summary = strategy.finish()
+    strategy.run.attach_tracker(open_tracker(cfg.tracker, strategy.run.path,
+                                             cfg.to_run_config()))
+    try:
+        # records a node needs once (offsite's frozen emulator) ride along its fit message
+        DefaultWorkflow(fit_workflow=fit_workflow)(OutboxGrid(grid, strategy.outbox), legacy)
+        summary = strategy.finish()
+    finally:
+        strategy.run.close_tracker()
     log(INFO, "Summary (%s):\n%s", strategy.run.path, summary)
+    _write_server_resources(strategy.run.path)
+
+
+def _write_server_resources(run_path) -> None:
+    """The ServerApp process's peak RSS (``server_resources.json``; benchmarks/scale.py)."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (run_path / "server_resources.json").write_text(json.dumps({"peak_rss_mb": peak_mb}))
+    log(INFO, "ServerApp peak RSS: %.0f MB", peak_mb)

@@ -14,15 +14,18 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import collate
+from .device import model_device, to_device
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+"""A data-independent loss term on the model's weights (e.g. FedIPR's watermark regulariser)."""
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean token cross-entropy over the batch's non-masked labels (HF's own loss)."""
-    return model(**batch).loss
+    return model(**to_device(batch, model_device(model))).loss
 
 
 def batch_iterator(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int,
@@ -64,17 +67,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
 
 def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, steps: int,
                 pad_id: int, seed: int, prox_reference: Sequence[torch.Tensor] | None = None,
-                loss_fn: LossFn = causal_lm_loss, desc: str = "local") -> dict[str, float]:
+                loss_fn: LossFn = causal_lm_loss, desc: str = "local",
+                extra_loss: ExtraLoss | None = None) -> dict[str, float]:
     """Train the model's trainable parameters for ``steps`` optimizer steps.
 
     AdamW with a per-round schedule, gradient accumulation, gradient clipping and an
     optional FedProx proximal term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
+    ``extra_loss(model)``, when given, is added to every step's loss.
     Returns the mean training loss and the number of examples seen.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps)
     batches = batch_iterator(train_ds, cfg.batch_size, pad_id, seed)
+    device = model_device(model)
     model.train()
     losses: list[float] = []
     seen = 0
@@ -83,12 +89,14 @@ def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, st
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = to_device(next(batches), device)
             seen += batch["input_ids"].shape[0]
             loss = loss_fn(model, batch) / cfg.grad_accum
             if prox_reference is not None and cfg.proximal_mu > 0:
                 prox = sum(((p - r) ** 2).sum() for p, r in zip(params, prox_reference))
                 loss = loss + cfg.proximal_mu / 2 * prox / cfg.grad_accum
+            if extra_loss is not None:
+                loss = loss + extra_loss(model) / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
         if not math.isfinite(step_loss):
@@ -111,6 +119,7 @@ def evaluate_loss(model: nn.Module, ds: datasets.Dataset, batch_size: int,
     if len(ds) == 0:
         return float("nan")
     model.eval()
+    device = model_device(model)
     total, tokens = 0.0, 0
     rows = ds.select_columns(list(_MODEL_KEYS))
     for start in range(0, len(rows), batch_size):
@@ -119,6 +128,7 @@ def evaluate_loss(model: nn.Module, ds: datasets.Dataset, batch_size: int,
         n = int((batch["labels"][:, 1:] != -100).sum())
         if n == 0:
             continue
+        batch = to_device(batch, device)
         total += model(**batch).loss.item() * n
         tokens += n
     return total / tokens if tokens else float("nan")
@@ -126,7 +136,8 @@ def evaluate_loss(model: nn.Module, ds: datasets.Dataset, batch_size: int,
 
 def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, steps: int,
                    pad_id: int, seed: int, prior_history: Sequence[Sequence[float]] = (),
-                   desc: str = "local-dp") -> tuple[dict[str, float], list]:
+                   desc: str = "local-dp",
+                   extra_loss: ExtraLoss | None = None) -> tuple[dict[str, float], list]:
     """Sample-level DP-SGD (Abadi et al. 2016) via Opacus on the trainable parameters.
 
     Poisson-sampled batches of expected size ``batch-size``, per-sample clipping to
@@ -135,6 +146,14 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
     (``prior_history`` + this round) is returned so the caller can persist it; training
     stops early, with a logged message, once ``dp-max-epsilon`` (or the target epsilon)
     would be exceeded. Returns ``(metrics, history)``.
+
+    The noise and the Poisson sampler draw from OS randomness (unpredictable to the server
+    and the other clients); ``seed`` seeds them only with ``dp-reproducible-noise=true``,
+    which voids the DP guarantee.
+
+    ``extra_loss(model)`` must not depend on the data: Opacus' per-sample gradients would not
+    see a term on the weights, so it is minimised by a separate AdamW step (learning rate
+    ``lr``) after every DP step — post-processing of the private weights, no privacy cost.
     """
     import logging
 
@@ -144,9 +163,14 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
 
     log = logging.getLogger(__name__)
     rows = train_ds.select_columns(list(_MODEL_KEYS)).to_list()
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+    loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True,
                         collate_fn=lambda b: collate(b, pad_id))
+    sampler_gen = noise_gen = None  # attach_dp_sgd: fresh OS-random generators
+    if cfg.dp_reproducible_noise:
+        log.warning("dp-reproducible-noise=true: DP-SGD noise and batches are derived from "
+                    "the shared seed, so the DP guarantee does not hold")
+        sampler_gen = torch.Generator().manual_seed(seed)
+        noise_gen = torch.Generator(model_device(model)).manual_seed(seed + 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     session = attach_dp_sgd(
@@ -155,9 +179,10 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
         target_epsilon=cfg.dp_target_epsilon or None, delta=cfg.dp_delta,
         planned_steps=cfg.num_server_rounds * steps, accountant=cfg.dp_accountant,
         max_epsilon=cfg.dp_max_epsilon or None, prior_history=prior_history,
-        noise_generator=torch.Generator().manual_seed(seed + 1))
+        noise_generator=noise_gen, sampler_generator=sampler_gen)
     losses: list[float] = []
     stopped = ""
+    extra_opt: torch.optim.Optimizer | None = None
     try:
         batches = iter(())
         bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
@@ -177,6 +202,8 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
                 break
             if loss is not None:
                 losses.append(loss)
+            if extra_loss is not None:
+                extra_opt = _extra_loss_step(model, extra_loss, cfg, extra_opt)
     finally:
         session.close()
         for p in trainable:  # modules Opacus could not handle were frozen: unfreeze
@@ -187,3 +214,21 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
                "dp_epsilon": session.epsilon(), "dp_noise_multiplier": session.noise_multiplier,
                "dp_steps": float(session.steps), "dp_budget_reached": float(bool(stopped))}
     return metrics, session.history()
+
+
+def _extra_loss_step(model: nn.Module, extra_loss: ExtraLoss, cfg: Config,
+                     optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
+    """One AdamW step on ``extra_loss(model)`` alone, over the parameters it touches
+    (the optimizer is built on the first call and returned for the next ones)."""
+    value = extra_loss(model)
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        touched = [p for p, g in zip(params, grads) if g is not None]
+        optimizer = torch.optim.AdamW(touched, lr=cfg.lr, weight_decay=0.0)
+        value = extra_loss(model)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward(inputs=[p for g in optimizer.param_groups for p in g["params"]])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer

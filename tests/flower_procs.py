@@ -19,6 +19,7 @@ Typical use (see ``tests/test_deployment.py``)::
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -283,27 +284,34 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
 
 
 def write_flower_config(flwr_home: Path, name: str, address: str, insecure: bool = True,
-                        default: bool = True) -> Path:
-    """``$FLWR_HOME/config.toml`` with one ``[superlink.<name>]`` connection."""
+                        default: bool = True, root_certificates: Path | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` with one ``[superlink.<name>]`` connection (TLS with
+    ``root_certificates`` when not ``insecure``)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     text = f'[superlink]\ndefault = "{name}"\n\n' if default else ""
     text += (f'[superlink.{name}]\naddress = "{address}"\n'
              f"insecure = {'true' if insecure else 'false'}\n")
+    if root_certificates is not None:
+        text += f'root-certificates = "{root_certificates}"\n'
     path = flwr_home / "config.toml"
     path.write_text(text)
     return path
 
 
 class FlowerDeployment:
-    """An insecure SuperLink + SuperNodes on loopback with a private FLWR_HOME.
+    """A SuperLink + SuperNodes on loopback with a private FLWR_HOME.
 
     Flower 1.41 serves Fleet, Control and ServerAppIo ("Runtime") APIs over HTTP on a
     single ``--host/--port``; each SuperNode has its own ClientAppIo ("Runtime") port.
+    Insecure by default; with ``certs`` (a folder from ``scripts/make_certs.py``: ``ca.crt``,
+    ``server.pem``, ``server.key``) every API runs over TLS and the SuperLink only admits
+    SuperNodes whose public key was registered with ``flwr supernode register``.
     """
 
     HOST = "127.0.0.1"
 
-    def __init__(self, workdir: Path, connection: str = "loopback"):
+    def __init__(self, workdir: Path, connection: str = "loopback", certs: Path | None = None):
+        self.certs = Path(certs) if certs is not None else None
         self.workdir = Path(workdir)
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -345,7 +353,7 @@ class FlowerDeployment:
             name = "superlink" if attempt == 0 else f"superlink-retry{attempt}"
             self.superlink_port = free_port(self.HOST)
             proc = self.procs.start(name, [
-                str(BIN / "flower-superlink"), "--insecure",
+                str(BIN / "flower-superlink"), *self._superlink_security(),
                 "--host", self.HOST, "--port", str(self.superlink_port),
                 "--database", str(self.workdir / f"{name}-state.db"),
                 "--disable-runtime-dependency-installation",
@@ -361,20 +369,65 @@ class FlowerDeployment:
                 break
         else:
             raise AssertionError(f"the SuperLink exited {attempts} times\n{self.diagnostics()}")
-        write_flower_config(self.home, self.connection, self.address)
+        write_flower_config(self.home, self.connection, self.address,
+                            insecure=self.certs is None,
+                            root_certificates=self.certs / "ca.crt" if self.certs else None)
+
+    def _superlink_security(self) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        return ["--ssl-certfile", str(self.certs / "server.pem"),
+                "--ssl-keyfile", str(self.certs / "server.key"),
+                "--ssl-ca-certfile", str(self.certs / "ca.crt"), "--enable-supernode-auth"]
+
+    def _supernode_security(self, key: Path | None) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        out = ["--root-certificates", str(self.certs / "ca.crt")]
+        return out + (["--auth-supernode-private-key", str(key)] if key is not None else [])
+
+    def register_supernode(self, public_key: Path, timeout: float = 60) -> int:
+        """``flwr supernode register <key.pub> <connection>``; returns the new node id."""
+        code, log = self.flwr(["supernode", "register", str(public_key), self.connection,
+                               "--format", "json"], timeout=timeout,
+                              name=f"flwr-register-{Path(public_key).stem}")
+        if code != 0 or "{" not in log:
+            raise AssertionError(f"`flwr supernode register` exited {code}:\n{log}")
+        return int(json.loads(log[log.index("{"):])["node-id"])
+
+    def start_supernode(self, node_config: str, key: Path | None = None,
+                        name: str | None = None) -> str:
+        """Start one SuperNode (with its private key when authenticating), not waiting for
+        the SuperLink to admit it; returns its process name."""
+        name = name or f"supernode-{len(self.supernodes)}"
+        self.procs.start(name, [
+            str(BIN / "flower-supernode"), *self._supernode_security(key),
+            "--superlink", self.address, "--host", self.HOST, "--port",
+            str(free_port(self.HOST)), "--node-config", node_config,
+        ], env=self.env, cwd=self.workdir)
+        return name
+
+    def log_of(self, name: str) -> str:
+        return tail(self.procs.logs[name], 10_000)
+
+    def exit_code(self, name: str) -> int | None:
+        return self.procs.procs[name].poll()
 
     def activated_nodes(self) -> int:
         return len(re.findall(r"Activated node_id=\d+",
                               tail(self.procs.logs[self.superlink], 10_000)))
 
-    def start_supernodes(self, node_configs: Sequence[str], timeout: float = 60) -> None:
-        """One SuperNode per node config; wait until the SuperLink activated all of them."""
+    def start_supernodes(self, node_configs: Sequence[str], timeout: float = 60,
+                         keys: Sequence[Path] | None = None) -> None:
+        """One SuperNode per node config (and private key, when authenticating); wait until
+        the SuperLink activated all of them."""
         before = self.activated_nodes()
         ports = free_ports(len(node_configs), self.HOST)
-        for port, node_config in zip(ports, node_configs, strict=True):
+        keys = list(keys) if keys is not None else [None] * len(node_configs)
+        for port, node_config, key in zip(ports, node_configs, keys, strict=True):
             name = f"supernode-{len(self.supernodes)}"
             self.procs.start(name, [
-                str(BIN / "flower-supernode"), "--insecure",
+                str(BIN / "flower-supernode"), *self._supernode_security(key),
                 "--superlink", self.address, "--host", self.HOST, "--port", str(port),
                 "--node-config", node_config,
             ], env=self.env, cwd=self.workdir)

@@ -24,7 +24,8 @@ def test_round_trip_and_replace():
 
 
 def test_unknown_key_names_key_and_suggests():
-    with pytest.raises(ConfigError, match=r"unknown run-config key 'lora-rank'.*'lora-r'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown run-config key 'lora-rank'\. Did you mean 'lora-r"):
         Config.from_run_config({"lora-rank": 8})
 
 
@@ -65,3 +66,43 @@ def test_readme_table_is_current():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config_table_markdown(app) in readme, \
         "regenerate the README table: python scripts/sync_config.py"
+
+
+def test_check_run_config_names_what_the_superlink_does_not(tmp_path):
+    """Flower's SuperLink refuses an unknown --run-config key with only "Invalid run
+    configuration"; the offline check parses the same syntax and names the key."""
+    from fatellm_flwr.config import check_run_config
+
+    cfg = check_run_config('peft-method="ia3" num-server-rounds=5 lr=1e-3 plots=false')
+    assert (cfg.peft_method, cfg.num_server_rounds, cfg.lr, cfg.plots) == ("ia3", 5, 1e-3, False)
+    assert check_run_config("").to_run_config() == Config.from_run_config(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    ).to_run_config()  # pyproject's defaults, as `flwr run .` uses
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'peft-methd'.*'peft-method'"):
+        check_run_config('peft-methd="ia3"')
+    with pytest.raises(ConfigError, match=r"pair 'peft-method=ia3' is not valid.*"
+                                          r'peft-method="ia3"'):
+        check_run_config("num-server-rounds=2 peft-method=ia3")
+    with pytest.raises(ConfigError, match=r"'lora-r' has value 0; it must be >= 1"):
+        check_run_config({"lora-r": 0})
+    with pytest.raises(ConfigError, match="proximal-mu"):
+        check_run_config('aggregator="fedprox"')
+    # a Config key missing from the app's pyproject is refused by Flower: say so
+    (tmp_path / "pyproject.toml").write_text('[tool.flwr.app.config]\nlr = 0.001\n')
+    with pytest.raises(ConfigError, match=r"'lora-r' is a Config field but missing from "
+                                          r"pyproject.toml"):
+        check_run_config("lora-r=4", project_dir=tmp_path)
+
+
+def test_python_dash_m_config_prints_ok_or_the_error():
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fatellm_flwr.config", *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    ok = run('peft-method="lora" lora-r=4')
+    assert ok.returncode == 0 and ok.stdout.strip() == "OK"
+    bad = run("lora-rank=4")
+    assert bad.returncode == 2 and "ConfigError: unknown run-config key 'lora-rank'" in bad.stderr

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,98 @@ def test_missing_and_unreadable_files(tmp_path):
     odd.write_text("x")
     with pytest.raises(DataError, match="suffix '.txt'"):
         load_raw_dataset(Config.from_run_config({"dataset": str(odd)}))
+
+
+@pytest.mark.parametrize("name, content, pattern", [
+    ("empty.jsonl", b"", r"'.*empty.jsonl' is empty \(0 bytes\)"),
+    ("empty.csv", b"", r"'.*empty.csv' is empty \(0 bytes\)"),
+    ("blank.jsonl", b"\n  \n", r"'.*blank.jsonl' contains only whitespace"),
+    ("none.json", b"[]", r"'.*none.json' has no rows"),
+    ("header.csv", b"text,label\n", r"'.*header.csv' has no rows"),
+])
+def test_empty_files_say_they_are_empty(tmp_path, name, content, pattern):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=pattern) as err:
+        load_raw_dataset(Config.from_run_config({"dataset": str(tmp_path / name)}))
+    assert "StopIteration" not in str(err.value)
+
+
+def test_non_utf8_csv_names_file_encoding_and_byte_position(tmp_path):
+    path = tmp_path / "latin1.csv"
+    rows = "text,label\n" + "".join(f"row {i},a\n" for i in range(30000)) + "caf\u00e9,b\n"
+    path.write_bytes(rows.encode("latin-1"))  # > 1 MiB to the bad byte: crosses a read chunk
+    pos = rows.encode("latin-1").index(b"\xe9")
+    with pytest.raises(DataError) as err:
+        load_raw_dataset(Config.from_run_config({"dataset": str(path)}))
+    msg = str(err.value)
+    assert "latin1.csv" in msg and "not valid UTF-8" in msg and "byte(s) e9" in msg
+    assert f"byte offset {pos} (line 30002)" in msg and "DatasetGenerationError" not in msg
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes('{"text": "x", "label": "a"}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match=r"utf16.jsonl' is not valid UTF-8: .* offset 0 .*UTF-16"):
+        load_raw_dataset(Config.from_run_config({"dataset": str(utf16)}))
+    # a multi-byte UTF-8 character split across the read chunk boundary is fine
+    ok = tmp_path / "ok.csv"
+    ok.write_bytes(b"text,label\n" + b"x" * ((1 << 20) - 12) + "\u00e9,a\nb,c\n".encode())
+    assert len(load_raw_dataset(Config.from_run_config({"dataset": str(ok)}))) == 2
+
+
+def test_task_auto_logs_what_it_picked_and_why(caplog):
+    with caplog.at_level(logging.INFO, logger="fatellm_flwr.data"):
+        assert resolve_task(Config(dataset="mine.jsonl"), ["text", "source"]) == "lm"
+    msg = caplog.text
+    assert "task=auto picked task='lm'" in msg and "'mine.jsonl'" in msg
+    assert "['text', 'source']" in msg and "not instruction" in msg
+    assert "classification (needs ['text', 'label'])" in msg
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fatellm_flwr.data"):
+        resolve_task(Config(task="lm"), ["text"])
+    assert "picked" not in caplog.text  # an explicit task is not announced
+
+
+def test_silent_fallbacks_warn(caplog):
+    import datasets
+
+    from fatellm_flwr.data import _stratified_subset
+
+    ds = datasets.Dataset.from_dict({"text": [str(i) for i in range(9)],
+                                     "label": ["a"] * 8 + ["b"]}).class_encode_column("label")
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        sub = _stratified_subset(ds, 4, "label", seed=0)
+    assert len(sub) == 4
+    assert "max-examples=4: a subset stratified by 'label' is impossible" in caplog.text
+    assert "random subset" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        assert len(_stratified_subset(ds.select(range(8)), 4, "label", seed=0)) == 4
+    assert caplog.text == ""  # one class: stratifying works, nothing to warn about
+
+
+def test_unstratifiable_test_set_warns(tmp_path, caplog):
+    from fatellm_flwr.data import split_pool_and_test
+
+    path = tmp_path / "skewed.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "b" if i == 0 else "a"})
+                              for i in range(20)))
+    cfg = Config.from_run_config({"dataset": str(path), "test-size": 5, "seed": 3})
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        _, pool, test, _ = split_pool_and_test(cfg)
+    assert len(pool) == 15 and len(test) == 5
+    assert "test-size=5: a test set stratified by 'label' is impossible" in caplog.text
+
+
+def test_partition_too_small_for_validation_warns(tmp_path, caplog):
+    path = write_classification(tmp_path / "d.jsonl", n=12)
+    cfg = Config.from_run_config({"dataset": str(path), "test-size": 0, "partitioner": "iid"})
+    fed = build_federated_data(cfg, 2)
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        train, val = fed.client_split(0, 0.1, seed=0)
+    assert len(train) == 6 and len(val) == 0
+    assert "partition 0: val-fraction=0.1 of its 6 examples leaves no validation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        fed.client_split(0, 0.0, seed=0)  # asked for none: nothing to warn about
+    assert caplog.text == ""
 
 
 def test_task_resolution_and_wrong_columns():
@@ -117,8 +210,10 @@ def test_pathological_and_natural(tmp_path):
 
 def test_more_clients_than_examples_is_a_clear_error(tmp_path):
     path = write_classification(tmp_path / "d.jsonl", n=30)
-    with pytest.raises(DataError, match="cannot fill 50 client partitions"):
-        build_federated_data(_cfg(path, partitioner="iid", **{"test-size": 5}), 50)
+    # (issue 8) more clients than examples: the empty partitions' clients are skipped
+    data = build_federated_data(_cfg(path, partitioner="iid", **{"test-size": 5}), 50)
+    with pytest.raises(DataError, match="partition 49 of 50 is empty"):
+        data.partition(49)
     with pytest.raises(DataError, match="test-size=40 leaves no training data"):
         build_federated_data(_cfg(path, **{"test-size": 40}), 2)
 

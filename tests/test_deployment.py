@@ -25,7 +25,7 @@ import torch
 if str(Path(__file__).parent) not in sys.path:  # pytest runs with --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
 
-from flower_procs import BIN, FlowerDeployment  # noqa: E402
+from flower_procs import BIN, FlowerDeployment, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 240
@@ -175,3 +175,75 @@ def test_offsite_on_loopback_deployment(deployment, tmp_path):
     assert r2["server_plugin_loss"] != r0["server_plugin_loss"], fail(f"{records}")
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     assert np.isfinite(final(torch.tensor([[4, 5, 6]])).logits.detach().numpy()).all()
+
+
+# ----------------------------------------------------------------------------- production-like
+def _org_file(path: Path, labels: list[str], n: int, tag: str) -> Path:
+    words = {"sport": "the team won the match", "business": "shares rose in trading",
+             "tech": "a new phone was released"}
+    with path.open("w") as f:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            f.write(json.dumps({"body": f"{words[label]} {tag} {i}", "topic": label}) + "\n")
+    return path
+
+
+def test_tls_authenticated_deployment_with_each_orgs_own_data(tmp_path):
+    """TLS on every API, SuperNode authentication with keys registered through `flwr
+    supernode register`, each SuperNode reading only its own file (own column names), the
+    server evaluating on its own set and never given the clients' files; an unregistered
+    SuperNode is refused."""
+    import socket
+    import ssl
+    import subprocess
+
+    from fatellm_flwr.testing import build_tiny_model
+
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_certs.py"), "--out",
+                    str(certs), "--supernode", "org-a", "--supernode", "org-b",
+                    "--supernode", "rogue"], check=True, capture_output=True, timeout=60)
+    orgs = tmp_path / "orgs"  # stands for two machines: the server is given neither path
+    orgs.mkdir()
+    org_a = _org_file(orgs / "org-a.jsonl", ["sport", "tech"], 30, "a")
+    org_b = _org_file(orgs / "org-b.jsonl", ["business", "tech"], 30, "b")
+    server_eval = _write_dataset(tmp_path / "server-eval.jsonl", 30)
+    dep = FlowerDeployment(tmp_path, connection="secure", certs=certs)
+    try:
+        dep.start_superlink()
+        # every API is TLS with a certificate our CA signed for 127.0.0.1
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with socket.create_connection((dep.HOST, dep.superlink_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=dep.HOST) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        ids = [dep.register_supernode(certs / f"{org}.pub") for org in ("org-a", "org-b")]
+        assert len(set(ids)) == 2
+
+        rogue = dep.start_supernode('data-path="/nowhere.jsonl"', key=certs / "rogue",
+                                    name="rogue")
+        wait_until(lambda: "No SuperNode found with the given public key"
+                   in dep.log_of(dep.superlink), 90, "the SuperLink to refuse the rogue node",
+                   dep.diagnostics)
+
+        node_cfgs = [f'data-path="{f}" text-column="body" label-column="topic"'
+                     for f in (org_a, org_b)]
+        dep.start_supernodes(node_cfgs, keys=[certs / "org-a", certs / "org-b"])
+        assert set(dep.node_ids().values()) == set(ids)
+
+        model = build_tiny_model("llama", tmp_path / "tiny-llama")
+        run, records, fail = _run(dep, tmp_path, {
+            "model": str(model), "dataset": str(tmp_path / "the-server-has-no-such-file.jsonl"),
+            "server-eval-dataset": str(server_eval), "labels": "business,sport,tech",
+            "fraction-evaluate": 1.0, "val-fraction": 0.2})
+        for r in records[1:]:
+            assert math.isfinite(r["eval_loss"]), fail(f"client evaluation missing: {r}")
+        assert not (tmp_path / "the-server-has-no-such-file.jsonl").exists()
+
+        # the refused node never joined and gave up
+        wait_until(lambda: dep.exit_code(rogue) is not None, 120, "the rogue SuperNode to exit",
+                   dep.diagnostics)
+        assert dep.exit_code(rogue) != 0
+        assert dep.activated_nodes() == 2, dep.diagnostics()
+    finally:
+        dep.close()
+        assert not dep.procs.alive(), f"leaked processes: {dep.procs.alive()}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from fatellm_flwr.emulator import (
     OffsiteSplit,
@@ -21,12 +22,15 @@ from fatellm_flwr.emulator import (
     emulator_frozen_names,
     mark_adapters_trainable,
     merge_lora,
+    per_layer_keys,
     plug_in,
     set_decoder_blocks,
 )
-from fatellm_flwr.testing import ARCHITECTURES, build_tiny_model
+from fatellm_flwr.testing import ARCHITECTURES, MORE_ARCHITECTURES, build_tiny_model
 
 L = 8
+ALL_ARCHITECTURES = ARCHITECTURES + MORE_ARCHITECTURES
+UNTIED = {"llama", "gpt_neox", "phi", "gptj", "mistral", "stablelm"}  # own output head
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +136,36 @@ def test_unknown_architecture_and_depth_mismatch(deep_dir):
     assert list(model.model.decoder.layers) == first_two
 
 
+def test_block_list_is_found_generically():
+    """The ModuleList of identical blocks whose length is the config's depth wins over a
+    longer list of identical experts inside each block (MoE) and over short helper lists."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(2, 2)) for _ in range(8))
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=3)
+            self.stem = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)])
+            self.trunk = nn.Module()
+            self.trunk.stack = nn.ModuleList(Block() for _ in range(3))
+
+    toy = Toy()
+    assert blocks_prefix(toy) == "trunk.stack" and len(decoder_blocks(toy)) == 3
+    toy.config.num_hidden_layers = None  # no depth known: the longest list of blocks
+    assert blocks_prefix(toy) == "trunk.stack.0.experts"
+
+
 # ----------------------------------------------------------------------------- structure
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_emulator_structure(deep_dir, arch):
     full = load(deep_dir, arch)
     split = OffsiteSplit(L, 2, 2, 2)
@@ -145,8 +175,13 @@ def test_emulator_structure(deep_dir, arch):
     assert len(fb) == L and len(eb) == 6 == emu.config.num_hidden_layers
     assert full.config.num_hidden_layers == L  # full model untouched
     assert emu.config.offsite_kept_layers == kept
-    if getattr(full.config, "layer_types", None) is not None:
-        assert emu.config.layer_types == [full.config.layer_types[i] for i in kept]
+    for key in per_layer_keys(full.config, L):  # layer_types, GPT-Neo attention_layers, ...
+        assert list(getattr(emu.config, key)) == [getattr(full.config, key)[i] for i in kept]
+    if arch == "gpt_neo":  # its run-length attention_types is rewritten to match
+        assert per_layer_keys(full.config, L) == ["attention_layers"]
+        assert emu.config.attention_layers == [["global", "local"][i % 2] for i in kept]
+        assert emu.config.attention_types == [[emu.config.attention_layers, 1]]
+        assert [blk.attn.attention_type for blk in eb] == emu.config.attention_layers
     if arch == "gemma3":  # a full-attention layer (index 5) is kept; types follow their blocks
         assert emu.config.layer_types.count("full_attention") == 1
         assert [blk.self_attn.is_sliding for blk in eb] == [
@@ -168,7 +203,8 @@ def test_emulator_structure(deep_dir, arch):
         assert fsd.keys() == esd.keys()
         for k in fsd:
             assert esd[k].shape == fsd[k].shape and torch.equal(esd[k], fsd[k])
-        idxs = {getattr(m, "layer_idx", None) for m in eb[j].modules()} - {None}
+        idxs = {getattr(m, a) for m in eb[j].modules() for a in ("layer_idx", "layer_id")
+                if isinstance(getattr(m, a, None), int)}
         assert idxs == {j}
     full_shapes = {n: p.shape for n, p in full.named_parameters()}
     prefix = blocks_prefix(emu)
@@ -180,12 +216,14 @@ def test_emulator_structure(deep_dir, arch):
     head_w = emu.get_output_embeddings().weight
     assert torch.equal(head_w, full.get_output_embeddings().weight)
     tied = head_w is emu.get_input_embeddings().weight
-    assert tied == (arch != "llama")
+    assert tied == (full.get_output_embeddings().weight is full.get_input_embeddings().weight)
+    assert tied == (arch not in UNTIED)
     # forward/backward, and generate with a KV cache matching a cache-free forward
     x = ids()
     out = emu(input_ids=x, labels=x)
     out.loss.backward()
     assert all(p.grad is not None for p in eb[3].parameters())
+    emu.generation_config.eos_token_id = None  # greedy may hit eos early: no stop
     gen = emu.generate(x[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, x.shape[1] + 4)
     with torch.no_grad():
@@ -196,10 +234,24 @@ def test_emulator_structure(deep_dir, arch):
     assert torch.equal(gen, greedy)
 
 
+@pytest.mark.parametrize("arch", ["gpt_neo", "gemma3"])
+def test_layer_drop_composes_and_keeps_per_layer_lists_aligned(deep_dir, arch):
+    full = load(deep_dir, arch)
+    first = build_emulator(full, OffsiteSplit(L, 1, 1, 4))
+    assert first.config.offsite_kept_layers == [0, 1, 3, 4, 6, 7]
+    second = build_emulator(first, OffsiteSplit(6, 1, 1, 2))  # blocks 0, 1, 4, 5 of `first`
+    assert second.config.offsite_kept_layers == [0, 1, 6, 7]
+    for key in per_layer_keys(full.config, L):
+        assert list(getattr(second.config, key)) == [getattr(full.config, key)[i]
+                                                     for i in (0, 1, 6, 7)]
+    x = ids()
+    assert torch.isfinite(logits(second, x)).all()
+
+
 # ----------------------------------------------------------------------------- payload
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_payload_has_no_dropped_layer_and_rebuilds(deep_dir, arch):
     full = load(deep_dir, arch, scramble=True)
     split = OffsiteSplit(L, 2, 2, 1)  # keeps middle block 3; drops 2, 4, 5
@@ -221,13 +273,19 @@ def test_payload_has_no_dropped_layer_and_rebuilds(deep_dir, arch):
     # independent copies
     assert all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
                for t, p in zip(payload.values(), emu.state_dict().values()))
-    head, emb = "lm_head.weight", next(k for k in payload if "embed_tokens" in k or "wte" in k)
-    assert (head in payload) == (arch == "llama")  # untied head sent; tied head sent once
-    # rebuild from config + payload: identical logits and generations
-    rebuilt = emulator_from_payload(emu.config, payload)
+    modules = {id(m): n for n, m in emu.named_modules()}
+    head = modules[id(emu.get_output_embeddings())] + ".weight"
+    emb = modules[id(emu.get_input_embeddings())] + ".weight"
+    untied = arch in UNTIED
+    assert (head in payload) == untied and emb in payload  # untied head sent; tied sent once
+    # rebuild as a client does, from the config's JSON and the payload: identical logits
+    arch_json = json.loads(emu.config.to_json_string(use_diff=False))
+    rebuilt = emulator_from_payload(CONFIG_MAPPING[arch_json["model_type"]].from_dict(arch_json),
+                                    payload)
+    assert rebuilt.config.num_hidden_layers == split.emulator_size
     assert rebuilt.get_output_embeddings().weight is not None
-    if arch == "llama":
-        assert torch.equal(rebuilt.lm_head.weight, payload[head])
+    if untied:
+        assert torch.equal(rebuilt.get_output_embeddings().weight, payload[head])
         assert not torch.equal(payload[head], payload[emb])
     x = ids()
     torch.testing.assert_close(logits(rebuilt, x), logits(emu, x), rtol=0, atol=1e-6)
@@ -244,7 +302,7 @@ def test_payload_rejects_incomplete(deep_dir):
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_full_middle_emulator_equals_full_model(deep_dir, arch):
     full = load(deep_dir, arch, scramble=arch == "gpt2")
     emu = build_emulator(full, OffsiteSplit(L, 2, 2, 4))
@@ -280,7 +338,7 @@ def test_gpt2_inverse_layer_idx_scaling_kept(deep_dir):
 # ----------------------------------------------------------------------------- adapters
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt_neox", "mpt"])
 def test_plug_in_writes_adapters_into_right_blocks(deep_dir, arch):
     full = load(deep_dir, arch)
     split = OffsiteSplit(L, 2, 2, 4)

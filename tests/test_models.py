@@ -16,6 +16,7 @@ from fatellm_flwr.models import (
     trainable_names,
     wrap_peft,
 )
+from fatellm_flwr.testing import ARCHITECTURES, MORE_ARCHITECTURES, build_tiny_model
 
 EXPECTED_TARGETS = {
     "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
@@ -115,9 +116,92 @@ def test_missing_target_modules_are_named(tiny_model_dir):
         wrap_peft(load_base_model(path), cfg)
 
 
+def _ia3_layers(model):
+    from peft.tuners.ia3 import IA3Layer
+
+    return {n.split("base_model.model.", 1)[-1]: m for n, m in model.named_modules()
+            if isinstance(m, IA3Layer)}
+
+
+def test_ia3_on_grouped_query_attention_scales_key_and_value_outputs(tiny_model_dir):
+    """IA3 (Liu et al. 2022) rescales the *outputs* of k and v and the *input* of the MLP's
+    down projection. On grouped-query attention k/v narrow (32 -> 16 here, 576 -> 192 in
+    SmolLM2) without being feed-forward."""
+    path = str(tiny_model_dir("llama"))
+    base = load_base_model(path)
+    assert base.config.num_key_value_heads < base.config.num_attention_heads
+    k = base.model.layers[0].self_attn.k_proj
+    assert k.in_features > k.out_features  # the shape that fooled the old rule
+    cfg = Config.from_run_config({"model": path, "peft-method": "ia3",
+                                  "target-modules": "k_proj,v_proj,down_proj"})
+    model = wrap_peft(base, cfg)
+    layers = _ia3_layers(model)
+    assert {n.rsplit(".", 1)[-1] for n in layers} == {"k_proj", "v_proj", "down_proj"}
+    for name, layer in layers.items():
+        vec = layer.ia3_l["default"]
+        if name.endswith("down_proj"):
+            assert layer.is_feedforward and vec.shape == (1, layer.in_features)  # input, 64
+        else:
+            assert not layer.is_feedforward and vec.shape == (layer.out_features, 1)  # 16
+            assert layer.out_features == 16
+    # the default targets (every linear layer): only down_proj is feed-forward
+    model = wrap_peft(load_base_model(path), Config.from_run_config(
+        {"model": path, "peft-method": "ia3"}))
+    assert {n.rsplit(".", 1)[-1] for n, m in _ia3_layers(model).items()
+            if m.is_feedforward} == {"down_proj"}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + MORE_ARCHITECTURES)
+def test_ia3_feedforward_is_the_mlp_down_projection(tmp_path, arch):
+    """Feed-forward = the MLP's down projection, on every family; the structural rule (used
+    when peft has no table for the model type) agrees with peft's table where it has one."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as PEFT_FF
+
+    from fatellm_flwr.models import _down_projections, _ia3_feedforward, _linear_types
+
+    base = load_base_model(str(build_tiny_model(arch, tmp_path / arch, num_layers=2)))
+    targets = find_target_modules(base)
+    instances = {n: m for n, m in base.named_modules()
+                 if n.rsplit(".", 1)[-1] in targets and isinstance(m, _linear_types())}
+    structural = _down_projections(base, instances)
+    assert len(structural) == 2  # one per block
+    assert all(n.rsplit(".", 2)[-2] in ("mlp", "ffn") or arch == "opt" for n in structural)
+    known = PEFT_FF.get(base.config.model_type)
+    if known is not None:
+        assert structural == {n for n in instances if any(n.endswith(k) for k in known)}
+    ff = _ia3_feedforward(base, targets)
+    model = wrap_peft(base, Config.from_run_config(
+        {"model": "unused", "peft-method": "ia3"}))
+    flagged = {n for n, m in _ia3_layers(model).items() if m.is_feedforward}
+    assert flagged == structural, ff
+    assert len(_ia3_layers(model)) == len(instances)  # every target adapted once
+
+
 def test_unknown_model_offline_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="could not load model 'no-such-org/no-such-model'"):
         load_base_model("no-such-org/no-such-model")
+
+
+def test_broken_local_folder_says_what_is_broken(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 32,')
+    for load in (load_base_model, load_tokenizer):
+        with pytest.raises(ModelLoadError) as err:
+            load(str(folder))
+        msg = str(err.value)
+        assert f"local folder {str(folder)!r} exists but its config.json is broken" in msg
+        assert "JSONDecodeError" in msg and "line 1 column" in msg
+        assert "not a local folder" not in msg and "Hub is offline" not in msg
+    (folder / "config.json").write_text('{"model_type": "no-such-family"}')
+    with pytest.raises(ModelLoadError, match="exists but transformers could not load it"):
+        load_base_model(str(folder))
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"exists but it has no config.json \(files: .*"
+                                             r"model.safetensors"):
+        load_base_model(str(folder))
 
 
 def test_quantization_probe_reports_what_is_needed(monkeypatch):

@@ -65,3 +65,10 @@ def test_homo_resume_continues_at_the_right_round(run_flwr, tiny_model_dir,
                                   first["base_model.model.model.layers.0.self_attn.q_proj."
                                         "lora_A.weight"])
     assert not (out / "ignored").exists()
+    # and the resumed run ends where an uninterrupted 3-round run ends (FedAdam's moments
+    # and bias correction continue at the run's round number, not at Flower's "round 1")
+    run_flwr({**cfg, "num-server-rounds": 3, "run-name": "straight"})
+    straight, resumed = _adapter(out / "straight" / "final"), _adapter(out / "r" / "final")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        np.testing.assert_allclose(resumed[k], straight[k], rtol=1e-4, atol=1e-6, err_msg=k)

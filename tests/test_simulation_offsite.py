@@ -13,9 +13,12 @@ from fatellm_flwr.testing import build_tiny_model
 FOUR = ("full_zeroshot", "emulator_original", "emulator_tuned", "plugin")
 
 
-# untied head + full adapter tuning; tied head + LoRA adapters + SecAgg+ (deltas of the adapters)
+# untied head + full adapter tuning; tied head + LoRA adapters + SecAgg+ (deltas of the
+# adapters) + client-side clipping (possible since the emulator travels outside Parameters)
 @pytest.mark.parametrize("arch, lora, secagg", [("llama", False, False), ("qwen2", True, True)])
 def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, lora, secagg):
+    dp = {"client-dp": "client-fixed", "client-dp-clip-norm": 100.0,
+          "client-dp-noise-multiplier": 0.01} if secagg else {}
     model = build_tiny_model(arch, tmp_path / f"deep-{arch}", num_layers=8)
     out = tmp_path / "out"
     run_flwr({"algorithm": "offsite", "model": str(model),
@@ -25,7 +28,7 @@ def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, 
               "fraction-evaluate": 1.0, "min-available-clients": 3, "min-fit-clients": 3,
               "partitioner": "iid", "offsite-bottom": 2, "offsite-top": 2,
               "offsite-emulator-layers": 2, "offsite-lora": lora, "plots": False,
-              "secure-aggregation": secagg})
+              "secure-aggregation": secagg, **dp})
     run = out / "r"
     records = json.loads((run / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -45,9 +48,13 @@ def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, 
     frozen, adapters = r0["offsite_frozen_emulator_bytes"], r0["offsite_adapter_bytes"]
     assert r1["bytes_down_per_client"] > adapters + frozen
     assert adapters <= r2["bytes_down_per_client"] < adapters + 20_000
-    if not secagg:  # (under SecAgg+ the ledger sees the float64 aggregate, not the upload)
-        for r in (r1, r2):  # only the adapters come back (+ ~128-byte .npy headers)
-            assert adapters < r["bytes_up_per_client"] < adapters + 20_000
+    for r in (r1, r2):  # only the adapters come back (+ ~128-byte .npy headers); under
+        # SecAgg+ as the masked int64 vector the client measured
+        up = r["bytes_up_per_client"]
+        assert (2 * adapters < up < 2 * adapters + 20_000) if secagg else (
+            adapters < up < adapters + 20_000)
+    if secagg:
+        assert "client_dp_epsilon" in r2
     # the final plugged-in model: adapter blocks tuned, every middle block untouched
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     orig = AutoModelForCausalLM.from_pretrained(model)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 
 def _cfg(model, data, out, name, **extra):
@@ -45,3 +46,24 @@ def test_server_side_adaptive_clipping_moves_the_clip_norm(run_flwr, tiny_model_
     # updates are far smaller than 100: the adaptive norm shrinks towards them
     assert norms[0] < 100.0 and norms[1] < norms[0]
     assert all(r["client_dp_epsilon"] > 0 for r in rounds)
+
+
+def test_client_adaptive_defaults_with_few_clients_and_the_real_sampling_rate(
+        run_flwr, tiny_model_dir, tiny_classification_file, tmp_path):
+    """Adaptive clipping with the default noise multiplier starts with 3 clients (it needed
+    11+), and the client-level epsilon uses the rate Flower samples at: fraction-fit 0.5 of
+    3 available trains max(int(1.5), 2) = 2 clients, q = 2/3 (not 0.5)."""
+    from opacus.accountants import RDPAccountant
+
+    out = tmp_path / "out"
+    run_flwr(_cfg(tiny_model_dir("llama"), tiny_classification_file, out, "rate",
+                  **{"client-dp": "client-adaptive", "fraction-fit": 0.5,
+                     "min-fit-clients": 2, "server-eval": False}))
+    rounds = _records(out / "rate")[1:]
+    assert [r["clients_ok"] for r in rounds] == [2, 2]
+    acc = RDPAccountant()
+    for r in rounds:
+        assert r["client_dp_sampling_rate"] == 2 / 3
+        acc.step(noise_multiplier=1.0, sample_rate=2 / 3)
+        assert r["client_dp_epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert rounds[0]["client_dp_clip_norm"] != 1.0  # the adaptive norm moved

@@ -52,3 +52,24 @@ def test_secagg_matches_fedavg_and_survives_a_dropout(run_flwr, tiny_model_dir,
     assert err_drop < 1e-4
     # and it differs from the 3-client aggregate, i.e. the dropped update is really gone
     assert _max_abs_diff(out / "secagg" / "round-001", out / "secagg-drop" / "round-001") > 1e-4
+    # the failed client counts once, as under plain FedAvg (Flower records it twice)
+    assert drop["clients_failed"] == 1 == _record(out / "plain-drop", 1)["clients_failed"]
+    # the global state keeps its dtype: SecAgg+'s float64 sum does not double what is saved
+    saved = load_file(str(out / "secagg" / "round-001" / "adapter_model.safetensors"))
+    assert {str(v.dtype) for v in saved.values()} == {"float32"}
+    with np.load(out / "secagg" / "state.npz") as z:
+        assert {str(z[k].dtype) for k in z.files if k.startswith("global_")} == {"float32"}
+    # the ledger counts what was sent: the same download, and each client's masked vector
+    # (SecAgg+ sends integers mod 2^32 as int64, more than the float32 update)
+    assert secagg["bytes_down_per_client"] == plain["bytes_down_per_client"]
+    assert secagg["bytes_up_per_client"] > 1.5 * plain["bytes_up_per_client"]
+
+
+def test_secagg_weight_above_max_weight_fails_clearly(run_flwr, tiny_model_dir,
+                                                     tiny_classification_file, tmp_path):
+    out = tmp_path / "out"
+    log = run_flwr(_cfg(tiny_model_dir("llama"), tiny_classification_file, out, "heavy",
+                        **{"secure-aggregation": True, "secagg-max-weight": 5.0}))
+    assert "secagg-max-weight=5 is below this client's weight" in log
+    records = json.loads((out / "heavy" / "metrics.json").read_text())
+    assert all(r.get("clients_ok", 0) == 0 for r in records)  # nothing silently mis-weighted

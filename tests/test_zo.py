@@ -159,6 +159,40 @@ def test_exclude_embeddings_untied_llama(tiny_model_dir):
     assert len(zo.zo_parameters(model, exclude_embeddings=True)) == len(kept) - 1
 
 
+def test_embeddings_included_when_key_false_move_embedding_and_tied_head(tiny_model_dir):
+    """zo-exclude-embeddings=false: FedKSeed tunes every weight, the input embedding and the
+    head tied to it included (one tensor, so one update moves both)."""
+    model = _load(tiny_model_dir("qwen2"))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    before = emb.detach().clone()
+    params = zo.zo_parameters(model, exclude_embeddings=False)
+    assert sum(p.numel() for _, p in params) == sum(p.numel() for p in model.parameters())
+    zo.apply_seed_updates(params, {7: 0.1})
+    assert not torch.equal(emb, before) and head is emb
+    excluded = zo.zo_parameters(model, exclude_embeddings=True)
+    before = emb.detach().clone()
+    zo.apply_seed_updates(excluded, {7: 0.1})
+    assert torch.equal(emb, before)  # the default leaves both alone
+
+
+def test_smollm2_share_left_out_by_the_default():
+    """The README's figure: on SmolLM2-135M (tied 49152 x 576 embedding) the default
+    zo-exclude-embeddings=true leaves out 21.0% of the weights (its config's shapes, built on
+    the meta device: no weights loaded)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    total = sum(p.numel() for _, p in zo.zo_parameters(model, exclude_embeddings=False))
+    tuned = sum(p.numel() for _, p in zo.zo_parameters(model, exclude_embeddings=True))
+    assert total == 134_515_008 and total - tuned == 49152 * 576
+    assert round(1 - tuned / total, 3) == 0.210
+
+
 # --------------------------------------------------------------------------- steps
 
 

@@ -4,15 +4,19 @@ The client never sees the full model: it rebuilds the emulator (bottom adapters,
 kept middle blocks, top adapters, embeddings, final norm, head) from the architecture
 config and the tensors the server sends (:func:`fatellm_flwr.emulator.emulator_from_payload`),
 fine-tunes the adapter blocks (fully, or with LoRA merged before sending) and returns the
-adapter tensors. The wire protocol is described in :mod:`fatellm_flwr.strategies.offsite`.
+adapter tensors. The wire protocol is described in
+:mod:`fatellm_flwr.strategies.offsite`; its keys and codecs live in
+:mod:`fatellm_flwr.wire.offsite`.
 
 Where the frozen part of the emulator is kept between rounds:
 
 - a process cache (one emulator, keyed by the server's emulator id): in the simulation
   engine a client's process lives across rounds, so later rounds reuse the built model;
 - the node's Flower ``context.state`` (an ``ArrayRecord`` of the frozen tensors + a
-  ``ConfigRecord`` with the id and names), which persists per node across rounds in the
-  simulation engine and in deployment, where each round runs in a fresh process;
+  ``ConfigRecord`` with the id and names, sent by the server as their own records in the
+  node's first fit message and moved there by ``node_records_mod``), which persists per
+  node across rounds in the simulation engine and in deployment, where each round runs in
+  a fresh process;
 - neither (a node whose state was lost): the client answers with the metric
   ``offsite-need-emulator`` = 1 and no arrays; the server leaves it out of that round's
   aggregate and sends it the frozen part again next round.
@@ -22,15 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.client import NumPyClient
 from torch import nn
 
 from ..config import Config
+from ..device import resolve_device
 from ..emulator import (
     OffsiteSplit,
     decoder_blocks,
@@ -41,59 +45,22 @@ from ..emulator import (
 from ..metrics import evaluate_model
 from ..models import build_peft_config, cached_tokenizer
 from ..train import num_local_steps, train_local, train_local_dp
-from .homo import client_datasets, load_dp_history, save_dp_history
-
-# ------------------------------------------------------------------ protocol (fit/eval config)
-KEY_NUM_LAYERS = "offsite-num-layers"  # depth L of the server's full model
-KEY_EMULATOR_ID = "offsite-emulator-id"  # content hash of architecture + frozen tensors
-KEY_ARCH = "offsite-arch"  # JSON of the emulator's transformers config (to_dict)
-KEY_ADAPTER_NAMES = "offsite-adapter-names"  # JSON list: names of the adapter arrays, in order
-KEY_FROZEN_COUNT = "offsite-frozen-count"  # frozen arrays appended after the adapters (or 0)
-KEY_FROZEN_NAMES = "offsite-frozen-names"  # JSON list of their names (only when count > 0)
-METRIC_NEED_EMULATOR = "offsite-need-emulator"  # client reply: "send me the frozen part"
-
-STATE_ARRAYS = "fatellm.offsite-emulator"
-STATE_META = "fatellm.offsite-emulator-meta"
+from ..wire.common import KEY_SERVER_ROUND, to_wire
+from ..wire.offsite import (
+    KEY_ADAPTER_NAMES,
+    KEY_ARCH,
+    KEY_EMULATOR_ID,
+    KEY_NUM_LAYERS,
+    METRIC_NEED_EMULATOR,
+    arch_config,
+    get_named,
+    read_emulator_records,
+    set_named,
+)
+from .datasets import client_datasets
+from .node_state import load_dp_history, save_dp_history
 
 _EMULATORS: dict[str, nn.Module] = {}  # emulator id -> built emulator (one per process)
-
-
-def arch_config(arch_json: str):
-    """The transformers config of the emulator from its JSON (``config.to_json_string``)."""
-    from transformers import CONFIG_MAPPING
-
-    data = json.loads(arch_json)
-    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
-
-
-def split_arrays(parameters: list[np.ndarray], config) -> tuple[list, list]:
-    """``(adapter arrays, frozen arrays)`` of a fit/evaluate message."""
-    n_frozen = int(config.get(KEY_FROZEN_COUNT, 0))
-    if n_frozen < 0 or n_frozen > len(parameters):
-        raise ValueError(f"{KEY_FROZEN_COUNT}={n_frozen} does not fit the {len(parameters)} "
-                         "arrays received")
-    cut = len(parameters) - n_frozen
-    return list(parameters[:cut]), list(parameters[cut:])
-
-
-def set_named(model: nn.Module, names: list[str], arrays) -> None:
-    """Copy arrays (numpy or torch) into the parameters ``names`` of ``model`` (shapes checked)."""
-    if len(names) != len(arrays):
-        raise ValueError(f"got {len(arrays)} adapter arrays for {len(names)} adapter tensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, a in zip(names, arrays):
-            p = params[name]
-            t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
-            if tuple(p.shape) != tuple(t.shape):
-                raise ValueError(f"array for {name!r} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(p.shape)}")
-            p.copy_(t.to(dtype=p.dtype, device=p.device))
-
-
-def get_named(model: nn.Module, names: list[str]) -> list[np.ndarray]:
-    params = dict(model.named_parameters())
-    return [params[n].detach().to("cpu", torch.float32).numpy().copy() for n in names]
 
 
 def clear_emulator_cache() -> None:
@@ -101,7 +68,7 @@ def clear_emulator_cache() -> None:
 
 
 class OffsiteClient(NumPyClient):
-    """Receives adapters (+ the frozen emulator when it lacks it), tunes the adapters."""
+    """Receives the adapters (the frozen emulator arrives once, in node state), tunes them."""
 
     def __init__(self, cfg: Config, partition_id: int, num_partitions: int,
                  context: Context | None = None):
@@ -119,54 +86,34 @@ class OffsiteClient(NumPyClient):
                             self.cfg.offsite_top, self.cfg.offsite_emulator_layers)
 
     def _from_state(self, eid: str) -> dict[str, np.ndarray] | None:
+        """The frozen tensors the server sent this node (``node_records_mod`` keeps them in
+        ``context.state``), or None."""
         if self.context is None:
             return None
-        meta = self.context.state.config_records.get(STATE_META)
-        if meta is None or str(meta["id"]) != eid:
-            return None
-        rec = self.context.state.array_records[STATE_ARRAYS]
-        return {name: rec[name].numpy() for name in json.loads(str(meta["names"]))}
-
-    def _to_state(self, eid: str, frozen: dict[str, np.ndarray]) -> None:
-        if self.context is None:
-            return
-        self.context.state.array_records[STATE_ARRAYS] = ArrayRecord(
-            array_dict=OrderedDict((n, Array(np.ascontiguousarray(a))) for n, a in
-                                   frozen.items()))
-        self.context.state.config_records[STATE_META] = ConfigRecord(
-            {"id": eid, "names": json.dumps(list(frozen))})
+        return read_emulator_records(self.context.state, eid)
 
     def emulator(self, parameters, config) -> tuple[nn.Module, OffsiteSplit, list,
                                                     list[str]] | None:
         """``(emulator, split, adapter arrays, adapter names)``, or None when this node holds
-        no copy of the frozen part and the message does not carry it."""
-        adapters, frozen = split_arrays(parameters, config)
+        no copy of the frozen part (in its process cache or its ``context.state``)."""
+        adapters = list(parameters)
         eid = str(config[KEY_EMULATOR_ID])
         names = json.loads(str(config[KEY_ADAPTER_NAMES]))
         split = self._split(config)
         if eid not in _EMULATORS:
-            if frozen:
-                frozen_names = json.loads(str(config[KEY_FROZEN_NAMES]))
-                if len(frozen_names) != len(frozen):
-                    raise ValueError(f"{len(frozen)} frozen arrays for {len(frozen_names)} "
-                                     "frozen names")
-                stored = dict(zip(frozen_names, frozen))
-                self._to_state(eid, stored)
-            else:
-                stored = self._from_state(eid)
-                if stored is None:
-                    return None
+            stored = self._from_state(eid)
+            if stored is None:
+                return None
             payload = {n: torch.from_numpy(np.asarray(a, dtype=np.float32)) for n, a in
                        stored.items()}
             payload.update({n: torch.from_numpy(np.asarray(a, dtype=np.float32)) for n, a in
                             zip(names, adapters)})
             model = emulator_from_payload(arch_config(str(config[KEY_ARCH])), payload)
+            model = model.to(resolve_device(self.cfg.device))
             for p in model.parameters():
                 p.requires_grad_(False)
             _EMULATORS.clear()  # one emulator per process
             _EMULATORS[eid] = model
-        elif frozen and self._from_state(eid) is None:  # another node of this process built it
-            self._to_state(eid, dict(zip(json.loads(str(config[KEY_FROZEN_NAMES])), frozen)))
         model = _EMULATORS[eid]
         depth = len(decoder_blocks(model))
         if depth != split.emulator_size:
@@ -188,7 +135,7 @@ class OffsiteClient(NumPyClient):
             raise RuntimeError(f"injected failure of partition {self.partition_id} "
                                "(fail-partitions)")
         model, split, _, names = got
-        server_round = int(config.get("server-round", 1))
+        server_round = int(config.get(KEY_SERVER_ROUND, 1))
         steps = num_local_steps(self.cfg, len(self.train))
         seed = self.cfg.seed + 1000 * server_round + self.partition_id
         torch.manual_seed(seed)
@@ -229,7 +176,7 @@ class OffsiteClient(NumPyClient):
         model.eval()
         metrics.update({"partition-id": self.partition_id, "local_steps": steps,
                         "trainable_params": float(trainable)})
-        return get_named(model, names), len(self.train), metrics
+        return to_wire(get_named(model, names), self.cfg.wire_dtype), len(self.train), metrics
 
     def evaluate(self, parameters, config):
         got = self.emulator(parameters, config)

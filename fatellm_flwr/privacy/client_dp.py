@@ -2,10 +2,13 @@
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
 each sampled client's update (client state - global state) is clipped to L2 norm ``C``
-(flat clipping), the clipped updates are averaged uniformly over the ``m`` sampled clients,
-and Gaussian noise of std ``z * C / m`` is added, so adding or removing one client moves the
-average by at most ``C / m`` and the round is a subsampled Gaussian mechanism with noise
-multiplier ``z`` at sampling rate ``q`` = fraction of clients per round.
+(flat clipping), the clipped updates are summed and divided by ``m``, the number of clients
+*sampled* for the round (McMahan et al.'s fixed-denominator estimator: a client that drops
+out adds a zero update), and Gaussian noise of std ``z * C / m`` is added. Adding or removing
+one client moves that mean by at most ``C / m`` whatever arrives, so sensitivity and noise
+always match and the round is a subsampled Gaussian mechanism with noise multiplier ``z``
+at sampling rate ``q = m / available`` (:func:`flower_num_sampled`); rounds with different
+rates compose (:func:`client_level_epsilon_rates`).
 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
 Clipping"): ``C`` follows a target quantile of the update norms by a geometric step on a
@@ -83,15 +86,13 @@ def _check_round(updates: Sequence[Sequence[np.ndarray]], num_sampled: int | Non
     if any(s != shapes[0] for s in shapes):
         raise ValueError("updates must all have the same number and shapes of arrays")
     m = len(updates) if num_sampled is None else num_sampled
-    _check("num_sampled", m, isinstance(m, int) and m >= 1, "must be an integer >= 1")
+    _check("num_sampled", m, isinstance(m, int) and m >= len(updates),
+           f"must be an integer >= the number of updates ({len(updates)})")
     if m != len(updates):
-        # Flower logs the same warning (CLIENTS_DISCREPANCY_WARNING)
-        logger.warning(
-            "%d updates but num_sampled=%d: the noise is calibrated to num_sampled, so "
-            "missing clients weaken the DP guarantee",
-            len(updates),
-            m,
-        )
+        # the mean divides by m too (dropped clients count as zero updates), so the
+        # sensitivity C / m and the noise z * C / m still match
+        logger.info("%d of %d sampled clients sent an update; the missing ones count as zero "
+                    "updates in the DP mean", len(updates), m)
     return m
 
 
@@ -108,10 +109,10 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> None:
         )
 
 
-def _mean(updates: Sequence[Sequence[np.ndarray]]) -> Arrays:
-    n = len(updates)
+def _mean(updates: Sequence[Sequence[np.ndarray]], m: int) -> Arrays:
+    """Sum of the updates divided by ``m`` (the sampled count, >= the number of updates)."""
     return [
-        (sum(np.asarray(u[i], dtype=np.float64) for u in updates) / n).astype(
+        (sum(np.asarray(u[i], dtype=np.float64) for u in updates) / m).astype(
             np.asarray(updates[0][i]).dtype
         )
         for i in range(len(updates[0]))
@@ -128,9 +129,11 @@ def server_side_fixed(
 ) -> Arrays:
     """DP-FedAvg round with server-side fixed clipping; returns the noised mean update.
 
-    Clip each update to ``clip_norm``, average uniformly, add N(0, (z * C / m)^2) with ``m``
-    = ``num_sampled`` (default: number of updates), as Flower's
-    ``DifferentialPrivacyServerSideFixedClipping``. Unlike that wrapper, which hands clipped
+    Clip each update to ``clip_norm``, sum, divide by ``m`` = ``num_sampled`` (the clients
+    sampled for the round, default: number of updates; missing ones count as zero updates)
+    and add N(0, (z * C / m)^2), as Flower's ``DifferentialPrivacyServerSideFixedClipping``
+    except that Flower divides by the updates received while noising for ``m``. Unlike that
+    wrapper, which hands clipped
     updates to the inner strategy (FedAvg weights them by example counts), the mean here is
     unweighted: that is what bounds one client's influence by ``C / m`` (McMahan et al. 2018
     with all weights 1). ``weights`` is accepted for the FedAvg-like signature and ignored,
@@ -143,7 +146,7 @@ def server_side_fixed(
     m = _check_round(updates, num_sampled)
     _check_weights(weights, len(updates))
     clipped = [clip_update(u, clip_norm)[0] for u in updates]
-    return add_gaussian_noise(_mean(clipped), noise_std(noise_multiplier, clip_norm, m), rng)
+    return add_gaussian_noise(_mean(clipped, m), noise_std(noise_multiplier, clip_norm, m), rng)
 
 
 def client_side_clip(arrays: Sequence[np.ndarray], clip_norm: float) -> tuple[Arrays, bool]:
@@ -184,7 +187,13 @@ def aggregate_client_clipped(
                 f"update {i} has norm {norm:.6g} > clip_norm={clip_norm}: the client did not "
                 "clip (client-side clipping needs client_side_clip on every client)"
             )
-    return add_gaussian_noise(_mean(updates), noise_std(noise_multiplier, clip_norm, m), rng)
+    return add_gaussian_noise(_mean(updates, m), noise_std(noise_multiplier, clip_norm, m), rng)
+
+
+def default_clipped_count_stddev(noise_multiplier: float, num_sampled: int) -> float:
+    """``max(m / 20, z)``: Andrew et al.'s ``sigma_b = m / 20``, raised to ``z`` so that
+    adaptive clipping works with few clients (``z < 2 sigma_b`` holds for any ``m``)."""
+    return float(max(num_sampled / 20, noise_multiplier))
 
 
 def adaptive_noise_params(
@@ -195,9 +204,11 @@ def adaptive_noise_params(
     Andrew et al. 2021 (Thm. 1): releasing the noised update (multiplier ``z_delta``) and the
     noised count (std ``sigma_b``) costs as much as one Gaussian with
     ``z = (z_delta^-2 + (2 sigma_b)^-2)^-1/2``, so for a target ``z`` the update gets
-    ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``; ``sigma_b`` defaults to ``m / 20``. Same as
-    Flower's ``compute_adaptive_noise_params``: with ``z == 0`` both are 0 (unless
-    ``clipped_count_stddev`` is given); ``z >= 2 sigma_b`` is impossible and raises.
+    ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``. ``sigma_b`` defaults to ``max(m / 20, z)``:
+    Andrew et al.'s ``m / 20`` (Flower's ``compute_adaptive_noise_params``) needs ``m > 10 z``
+    clients per round, while ``sigma_b >= z`` always works and keeps ``z_delta <= 1.155 z``.
+    With ``z == 0`` both are 0 (unless ``clipped_count_stddev`` is given); an explicit
+    ``clipped_count_stddev <= z / 2`` is impossible and raises.
     """
     _check(
         "noise_multiplier", noise_multiplier,
@@ -211,12 +222,13 @@ def adaptive_noise_params(
         )
     if noise_multiplier == 0:
         return (0.0 if clipped_count_stddev is None else float(clipped_count_stddev)), 0.0
-    sigma_b = num_sampled / 20 if clipped_count_stddev is None else float(clipped_count_stddev)
+    sigma_b = (default_clipped_count_stddev(noise_multiplier, num_sampled)
+               if clipped_count_stddev is None else float(clipped_count_stddev))
     if noise_multiplier >= 2 * sigma_b:
         raise ValueError(
             f"noise_multiplier={noise_multiplier} needs clipped_count_stddev > "
-            f"noise_multiplier / 2 = {noise_multiplier / 2}, got {sigma_b} (default "
-            "num_sampled / 20); raise clipped_count_stddev or sample more clients"
+            f"noise_multiplier / 2 = {noise_multiplier / 2}, got {sigma_b}; raise "
+            "clipped_count_stddev (None picks max(num_sampled / 20, noise_multiplier))"
         )
     update_noise = (noise_multiplier**-2 - (2 * sigma_b) ** -2) ** -0.5
     if update_noise / noise_multiplier >= 2:
@@ -269,7 +281,8 @@ class AdaptiveClipState:
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> AdaptiveClipState:
-        """State with Flower's defaults (initial C 0.1, ``sigma_b = m / 20`` when noised)."""
+        """State with Flower's initial C 0.1 and ``sigma_b`` from :func:`adaptive_noise_params`
+        (default ``max(m / 20, z)`` when noised)."""
         sigma_b, _ = adaptive_noise_params(noise_multiplier, num_sampled, clipped_count_stddev)
         return cls(clip_norm, target_quantile, clip_lr, sigma_b)
 
@@ -323,10 +336,21 @@ def server_side_adaptive(
     results = [clip_update(u, clip_norm) for u in updates]
     z_delta = state.update_noise_multiplier(noise_multiplier)
     aggregate = add_gaussian_noise(
-        _mean([r[0] for r in results]), noise_std(z_delta, clip_norm, m), rng
+        _mean([r[0] for r in results], m), noise_std(z_delta, clip_norm, m), rng
     )
     state.update([r[1] for r in results], rng, num_sampled=m)
     return aggregate
+
+
+def flower_num_sampled(fraction_fit: float, min_fit_clients: int, available: int) -> int:
+    """Clients Flower's ``FedAvg.configure_fit`` samples: ``max(int(fraction * available),
+    min_fit_clients)`` (``num_fit_clients``), so the real per-round sampling rate is this
+    over ``available``, not ``fraction_fit``."""
+    _check("fraction_fit", fraction_fit, _finite(fraction_fit) and 0 < fraction_fit <= 1,
+           "must be in (0, 1]")
+    _check("min_fit_clients", min_fit_clients, min_fit_clients >= 1, "must be >= 1")
+    _check("available", available, available >= 0, "must be >= 0")
+    return max(int(fraction_fit * available), min_fit_clients)
 
 
 def client_level_epsilon(
@@ -336,19 +360,38 @@ def client_level_epsilon(
     delta: float,
     accountant: str = "rdp",
 ) -> float:
-    """Client-level epsilon after ``rounds`` of DP-FedAvg, via Opacus' accountant.
+    """Client-level epsilon after ``rounds`` rounds at one sampling rate, via Opacus.
 
-    ``sampling_rate`` = fraction of clients sampled per round (q = m / N). The accountant
-    assumes Poisson sampling of clients (as McMahan et al. 2018); Flower samples exactly m
-    clients, for which this is the usual approximation.
+    Same as :func:`client_level_epsilon_rates` with ``[sampling_rate] * rounds``.
     """
     _check("rounds", rounds, isinstance(rounds, int) and rounds >= 0, "must be an int >= 0")
     _check("sampling_rate", sampling_rate, 0 < sampling_rate <= 1, "must be in (0, 1]")
+    return client_level_epsilon_rates(noise_multiplier, [sampling_rate] * rounds, delta,
+                                      accountant)
+
+
+def client_level_epsilon_rates(
+    noise_multiplier: float,
+    sampling_rates: Sequence[float],
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """Client-level epsilon of DP-FedAvg rounds with these per-round sampling rates.
+
+    Round ``r`` samples ``q_r = m_r / N_r`` of the available clients (``0``: the round
+    trained nobody and costs nothing); the rounds compose as subsampled Gaussian mechanisms
+    with noise multiplier ``z`` in Opacus' RDP or PRV accountant. The accountant assumes
+    Poisson sampling of clients (as McMahan et al. 2018); Flower samples exactly ``m_r``
+    clients, for which this is the usual approximation.
+    """
     _check(
         "noise_multiplier", noise_multiplier,
         _finite(noise_multiplier) and noise_multiplier >= 0, "must be >= 0",
     )
+    for q in sampling_rates:
+        _check("sampling_rate", q, _finite(q) and 0 <= q <= 1, "must be in [0, 1]")
     # imported here so the numpy helpers above do not pull in torch/opacus
     from fatellm_flwr.privacy.dp import epsilon_from_history
 
-    return epsilon_from_history([(noise_multiplier, sampling_rate, rounds)], delta, accountant)
+    history = [(noise_multiplier, float(q), 1) for q in sampling_rates]
+    return epsilon_from_history(history, delta, accountant)

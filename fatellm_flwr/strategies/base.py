@@ -1,18 +1,27 @@
-"""Bookkeeping shared by every algorithm's strategy.
+"""The strategy every algorithm builds on: a thin orchestrator of small collaborators.
 
 :class:`TrackedStrategy` wraps a Flower strategy that does the aggregation (``inner``) and
-adds what a real run needs around it: results with wrong shapes or NaN/Inf are dropped
-with a logged reason (the round goes on; with no client left the previous global state is
-kept), bytes up/down per client are counted, the server evaluates the global state every
-round (round 0 = the untrained start), and each completed round is checkpointed
-atomically so ``resume-from`` continues where a run stopped.
+adds what a real run needs around it, each piece in its own module:
+
+- :mod:`.validation`: results with wrong shapes or NaN/Inf are dropped with a logged reason
+  (the round goes on; with no client left the previous global state is kept);
+- :mod:`.secagg`: SecAgg+'s summed delta is turned back into a state in the global state's
+  dtype, and each client's upload is counted as what it really sent;
+- :mod:`.records`: client counts (failures counted by node) and metrics, one record per
+  round in the run folder;
+- :mod:`.evaluation`: the server evaluates the global state every round (round 0 = the
+  untrained start) with an injected ``evaluate_fn`` (as Flower's strategies do);
+- :mod:`.checkpoint`: each completed round is checkpointed atomically with the server
+  optimizer's state, so ``resume-from`` continues exactly where a run stopped;
+- :mod:`.outbox`: records a node needs once travel in their own records, not in
+  ``Parameters``;
+- the byte ledger (:class:`~fatellm_flwr.metrics.CommLedger`): bytes up/down per client.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -25,8 +34,6 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
@@ -34,49 +41,40 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from ..config import Config
-from ..data import split_pool_and_test, tokenize_dataset
 from ..metrics import CommLedger
-from ..mods import KEY_ADAPTIVE, SEND_DELTA
 from ..outputs import RunDir
+from ..wire.common import (
+    KEY_ADAPTIVE,
+    KEY_SERVER_ROUND,
+    METRIC_SECAGG_UP,
+    METRIC_SKIPPED,
+    SEND_DELTA,
+    decode_arrays,
+    encode_arrays,
+    parameters_nbytes,
+)
+from . import checkpoint
+from .evaluation import EvaluateFn, HeldOutSet
+from .outbox import NodeOutbox
+from .records import RoundRecords, failed_nodes, weighted_mean_metrics
+from .secagg import from_delta, keep_dtypes, upload_nbytes
+from .validation import shape_problem
 
-# server-optimizer state of Flower's FedAdam/FedYogi (m_t, v_t) and FedAvgM (momentum)
-_OPT_STATE = ("m_t", "v_t", "momentum_vector")
-
-
-def parameters_nbytes(parameters: Parameters) -> int:
-    """Bytes of the serialised tensors that travel."""
-    return int(sum(len(t) for t in parameters.tensors))
-
-
-def weighted_mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric reported by the clients.
-
-    Privacy spent (``*epsilon``) is the worst case over clients, not a mean.
-    """
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    worst: dict[str, float] = {}
-    for n, metrics in pairs:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                if k.endswith("epsilon"):
-                    worst[k] = max(worst.get(k, float("-inf")), float(v))
-                    continue
-                totals[k] = totals.get(k, 0.0) + n * float(v)
-                weights[k] = weights.get(k, 0.0) + n
-    return {**{k: totals[k] / weights[k] for k in totals if weights[k] > 0}, **worst}
+__all__ = ["TrackedStrategy", "parameters_nbytes", "weighted_mean_metrics"]
 
 
 class TrackedStrategy(Strategy):
     """A Flower strategy with validation, accounting, evaluation and checkpoints.
 
-    Subclasses implement :meth:`evaluate_global`, :meth:`save_round` and may override
-    :meth:`check_result` / :meth:`fit_config` / :meth:`strategy_state`.
+    ``evaluate_fn`` (``arrays -> metrics``, ``loss`` first) evaluates the global state on
+    the server; subclasses may instead override :meth:`evaluate_global`, and implement
+    :meth:`save_round`; they may override :meth:`check_result` / :meth:`fit_config` /
+    :meth:`strategy_state`.
     """
 
     def __init__(self, cfg: Config, inner: Strategy, run: RunDir, initial: list[np.ndarray],
                  full_model_bytes: int, round_offset: int = 0,
-                 ledger: CommLedger | None = None):
+                 ledger: CommLedger | None = None, evaluate_fn: EvaluateFn | None = None):
         super().__init__()
         self.cfg = cfg
         self.inner = inner
@@ -85,81 +83,72 @@ class TrackedStrategy(Strategy):
         self.round_offset = round_offset
         self.ledger = ledger or CommLedger(full_model_bytes)
         self.ledger.full_model_bytes = full_model_bytes
+        self.evaluate_fn = evaluate_fn
+        self.records = RoundRecords(run)
+        self._pending = self.records.pending  # a round's values until it is recorded
+        self._instructed: dict[int, set[str]] = {}  # nodes sent a fit instruction, per round
+        self._set_aside: dict[int, set[str]] = {}  # nodes whose reply a subclass kept back
         self._round_start = time.perf_counter()
-        self._pending: dict[int, dict[str, Any]] = {}
-        self._test: tuple | None = None
+        self._held_out: HeldOutSet | None = None
+        self.outbox = NodeOutbox()  # records sent once to a node, outside Parameters
 
     @property
     def aggregator(self) -> Strategy:
         """The aggregating strategy under any DP wrapper."""
-        return getattr(self.inner, "strategy", self.inner)
+        return checkpoint.aggregator_of(self.inner)
 
     # ----------------------------------------------------------------- hooks
     def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        """Server-side metrics of the global state (``loss`` first)."""
-        return {}
+        """Server-side metrics of the global state (``loss`` first): ``evaluate_fn``'s."""
+        return self.evaluate_fn(arrays) if self.evaluate_fn is not None else {}
 
     def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
         """Write the round's global artefact (adapter/model) under the run folder."""
 
     def check_result(self, arrays: list[np.ndarray]) -> str | None:
         """Why a client's result can't be aggregated, or None when it is fine."""
-        if len(arrays) != len(self.current):
-            return f"sent {len(arrays)} arrays, expected {len(self.current)}"
-        for i, (a, ref) in enumerate(zip(arrays, self.current)):
-            if a.shape != ref.shape:
-                return f"array {i} has shape {a.shape}, expected {ref.shape}"
-            if not np.all(np.isfinite(a)):
-                return f"array {i} contains NaN or Inf"
-        return None
+        return shape_problem(arrays, self.current)
 
     def fit_config(self, server_round: int) -> dict[str, Scalar]:
         """Extra config sent to clients with each fit instruction."""
         return {}
 
     def test_sets(self) -> tuple:
-        """``(task data, raw test set, tokenized test set)`` of the server's held-out split,
+        """``(task data, raw test set, tokenized test set)`` of the server's evaluation set,
         tokenized once with the subclass's ``self.tokenizer``."""
-        if self._test is None:
-            task_data, _, test, _ = split_pool_and_test(self.cfg)
-            self._test = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
-                                                            task_data))
-        return self._test
+        if self._held_out is None:
+            self._held_out = HeldOutSet(self.cfg, self.tokenizer)
+        return self._held_out.get()
 
     def strategy_state(self) -> dict[str, np.ndarray]:
         """State to checkpoint: the server optimizer's moments (fedadam/fedyogi/fedavgm),
         the adaptive clipping norm; subclasses extend ``super().strategy_state()`` (seed
         histories...)."""
-        norm = getattr(self.inner, "clipping_norm", None)
-        out = {} if norm is None else {"dp_clipping_norm": np.asarray(float(norm))}
-        for attr in _OPT_STATE:
-            value = getattr(self.aggregator, attr, None)
-            if value is not None:
-                out.update({f"{attr}_{i:05d}": a for i, a in enumerate(value)})
-        return out
+        return checkpoint.optimizer_state(self.inner)
 
     def load_strategy_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`strategy_state` saved."""
-        if "dp_clipping_norm" in arrays and hasattr(self.inner, "clipping_norm"):
-            self.inner.clipping_norm = float(arrays["dp_clipping_norm"])
-        for attr in _OPT_STATE:
-            keys = sorted(k for k in arrays if k.startswith(f"{attr}_"))
-            if keys:
-                setattr(self.aggregator, attr, [arrays[k] for k in keys])
+        checkpoint.load_optimizer_state(self.inner, arrays)
+
+    def set_aside(self, rnd: int, cids) -> None:
+        """Subclasses: these nodes replied in (absolute) round ``rnd`` but their results are
+        kept out of the aggregate (e.g. "send me the emulator"): not counted as failed."""
+        self._set_aside.setdefault(rnd, set()).update(map(str, cids))
 
     # ----------------------------------------------------------------- Flower API
     def absolute(self, server_round: int) -> int:
+        """The run's round number (Flower counts from 1 again in a resumed run)."""
         return server_round + self.round_offset
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return ndarrays_to_parameters(self.current)
+        return encode_arrays(self.current, self.cfg.wire_dtype)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self._round_start = time.perf_counter()
         rnd = self.absolute(server_round)
-        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
-        extra = {"server-round": rnd, **self.fit_config(rnd)}
+        instructions = self.inner.configure_fit(rnd, parameters, client_manager)
+        extra = {KEY_SERVER_ROUND: rnd, **self.fit_config(rnd)}
         if self.cfg.secure_aggregation:
             extra[SEND_DELTA] = True  # small values inside SecAgg+'s clipping range
         if self.cfg.client_dp == "client-adaptive":
@@ -168,6 +157,8 @@ class TrackedStrategy(Strategy):
         for proxy, ins in instructions:
             ins.config.update(extra)
             self.ledger.add(rnd, str(proxy.cid), down=down)
+        # one round is in flight at a time (a round SecAgg+ aborted leaves no entry behind)
+        self._instructed = {rnd: {str(proxy.cid) for proxy, _ in instructions}}
         return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -181,54 +172,66 @@ class TrackedStrategy(Strategy):
         # audit: how many distinct updates the server saw (1 under SecAgg+: only the sum)
         distinct = len({hashlib.sha1(b"".join(r.parameters.tensors)).digest()
                         for _, r in results})
+        skipped = 0
         for proxy, res in results:
-            self.ledger.add(rnd, str(proxy.cid), up=parameters_nbytes(res.parameters))
-            reason = self.check_result(parameters_to_ndarrays(res.parameters))
+            self.ledger.add(rnd, str(proxy.cid), up=upload_nbytes(res))
+            if res.metrics.get(METRIC_SKIPPED):  # nothing to train on: left out, not failed
+                log(INFO, "round %d: client %s (partition %s) skipped: %s", rnd, proxy.cid,
+                    res.metrics.get("partition-id", "?"), res.metrics[METRIC_SKIPPED])
+                skipped += 1
+                continue
+            arrays = decode_arrays(res.parameters)
+            reason = self.check_result(arrays)
             if reason is not None:
                 log(WARNING, "round %d: dropping client %s (partition %s): %s", rnd, proxy.cid,
                     res.metrics.get("partition-id", "?"), reason)
                 continue
             if self.cfg.secure_aggregation:  # the (aggregated) update came as a delta
-                res.parameters = ndarrays_to_parameters(
-                    [d + c for d, c in zip(parameters_to_ndarrays(res.parameters),
-                                           self.current)])
+                res.parameters = encode_arrays(from_delta(arrays, self.current))
+            elif self.cfg.wire_dtype != "float32":  # aggregate in float32, not the wire dtype
+                res.parameters = encode_arrays(arrays)
             valid.append((proxy, res))
             per_client.append((res.num_examples, res.metrics))
-        record = self._pending.setdefault(rnd, {})
-        record.update({"clients_ok": len(valid), "clients_failed": len(results) + len(failures)
-                       - len(valid), "distinct_updates_seen": distinct})
+        replied = {str(p.cid) for p, _ in results} | self._set_aside.pop(rnd, set())
+        failed = failed_nodes(self._instructed.pop(rnd, None), replied, failures)
+        record = self.records.of(rnd)
+        record.update({"clients_ok": len(valid),
+                       "clients_failed": failed + len(results) - len(valid) - skipped,
+                       "clients_skipped": skipped, "distinct_updates_seen": distinct})
         if not valid:
             log(WARNING, "round %d: no usable client result; keeping the previous global "
                 "state", rnd)
             return None, {}
-        params, _ = self.inner.aggregate_fit(server_round, valid, [])
+        # absolute rounds: FedAdam/FedYogi's bias correction and FedAvgM's first-round
+        # momentum reset must not restart in a resumed run
+        params, _ = self.inner.aggregate_fit(rnd, valid, [])
         if params is None:
             return None, {}
-        self.current = parameters_to_ndarrays(params)
+        self.current = keep_dtypes(decode_arrays(params), self.current)
+        checkpoint.sync_optimizer(self.inner, self.current)
         metrics = weighted_mean_metrics(per_client)
-        metrics.pop("partition-id", None)
+        for key in ("partition-id", METRIC_SECAGG_UP):
+            metrics.pop(key, None)
         record.update({f"fit_{k}": v for k, v in metrics.items()})
-        return params, metrics
+        return encode_arrays(self.current, self.cfg.wire_dtype), metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
+        rnd = self.absolute(server_round)
+        instructions = self.inner.configure_evaluate(rnd, parameters, client_manager)
         for _, ins in instructions:
-            ins.config["server-round"] = self.absolute(server_round)
+            ins.config[KEY_SERVER_ROUND] = rnd
         return instructions
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
         if not results:
             return None, {}
-        rnd = self.absolute(server_round)
         pairs = [(r.num_examples, {"loss": r.loss, **r.metrics}) for _, r in results]
         metrics = weighted_mean_metrics(pairs)
         metrics.pop("partition-id", None)
-        record = next((r for r in self.run.records if r["round"] == rnd), None)
-        if record is not None:
-            record.update({f"eval_{k}": v for k, v in metrics.items()})
-            self.run.add_record(record)
+        self.records.add_to_written(self.absolute(server_round),
+                                    {f"eval_{k}": v for k, v in metrics.items()})
         return metrics.get("loss"), metrics
 
     def evaluate(self, server_round: int,
@@ -237,57 +240,59 @@ class TrackedStrategy(Strategy):
         rnd = self.absolute(server_round)
         if server_round == 0 and self.round_offset > 0:
             return None  # resumed: this state was evaluated and saved by the earlier run
-        arrays = parameters_to_ndarrays(parameters)
+        arrays = decode_arrays(parameters)
         t0 = time.perf_counter()
         metrics = self.evaluate_global(arrays) if self.cfg.server_eval else {}
-        record: dict[str, Any] = {"round": rnd, **self._pending.pop(rnd, {})}
-        record.update({f"server_{k}": v for k, v in metrics.items()})
-        record["server_eval_time_s"] = time.perf_counter() - t0
+        values: dict[str, Any] = {f"server_{k}": v for k, v in metrics.items()}
+        values["server_eval_time_s"] = time.perf_counter() - t0
         if server_round > 0:
-            record.update(self.ledger.round_totals(rnd))
-            record.update(self.client_dp_metrics(rnd))
-            record["round_time_s"] = time.perf_counter() - self._round_start
+            values.update(self.ledger.round_totals(rnd))
+            values.update(self.client_dp_metrics(rnd))
+            values["round_time_s"] = time.perf_counter() - self._round_start
             if self.cfg.save_every_round:
                 self.save_round(rnd, arrays, final=False)
             self.run.save_checkpoint(rnd, self._checkpoint_arrays(arrays), {
                 "algorithm": self.cfg.algorithm,
                 "ledger": self.ledger.to_json(),
             })
-        self.run.add_record(record)
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "round")
-        log(INFO, "[round %d] %s", rnd, shown)
+        self.records.write(rnd, values)
         loss = metrics.get("loss", float("nan"))
         return float(loss), {k: v for k, v in metrics.items() if k != "loss"}
 
     def client_dp_metrics(self, rounds: int) -> dict[str, float]:
-        """Client-level epsilon after ``rounds`` rounds (sampling rate = fraction-fit) and
-        the current clipping norm of the client-level DP wrapper."""
-        if self.cfg.client_dp == "none":
-            return {}
-        from ..privacy.client_dp import client_level_epsilon
+        """Client-level epsilon after ``rounds`` rounds, composed over each round's real
+        sampling rate (clients sampled / available, recorded by the DP wrapper at
+        configure_fit; a resumed run reads earlier rounds' rates from their records, and
+        counts a round without one as if every client trained), this round's rate, and the
+        current clipping norm of the client-level DP wrapper."""
+        rate_of = getattr(self.inner, "sampling_rate", None)  # by absolute round
+        if self.cfg.client_dp == "none" or rate_of is None:
+            return {}  # no client-level DP wrapper: no client-level guarantee to report
+        from ..privacy.client_dp import client_level_epsilon_rates
 
-        out = {"client_dp_epsilon": client_level_epsilon(
-            self.cfg.client_dp_noise_multiplier, self.cfg.fraction_fit, rounds,
-            self.cfg.dp_delta, self.cfg.dp_accountant)}
+        recorded = {r.get("round"): r.get("client_dp_sampling_rate") for r in self.run.records}
+        rates = []
+        for k in range(1, rounds + 1):
+            q = rate_of(k)
+            q = recorded.get(k) if q is None else q
+            if q is None:
+                log(WARNING, "client-level DP: no sampling rate recorded for round %d; "
+                    "accounting it at rate 1 (worst case)", k)
+            rates.append(1.0 if q is None else float(q))
+        out = {"client_dp_sampling_rate": rates[-1],
+               "client_dp_epsilon": client_level_epsilon_rates(
+                   self.cfg.client_dp_noise_multiplier, rates, self.cfg.dp_delta,
+                   self.cfg.dp_accountant)}
         norm = getattr(self.inner, "clipping_norm", None)
         if norm is not None:
             out["client_dp_clip_norm"] = float(norm)
         return out
 
-    # ----------------------------------------------------------------- checkpoint helpers
+    # ----------------------------------------------------------------- checkpoints, end
     def _checkpoint_arrays(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-        out = {f"global_{i:05d}": a for i, a in enumerate(arrays)}
-        out.update({f"strategy_{k}": v for k, v in self.strategy_state().items()})
-        return out
+        return checkpoint.checkpoint_arrays(arrays, self.strategy_state())
 
-    @staticmethod
-    def split_checkpoint(arrays: dict[str, np.ndarray]) -> tuple[list[np.ndarray],
-                                                                  dict[str, np.ndarray]]:
-        """``(global arrays in order, strategy state)`` from a loaded checkpoint."""
-        glob = [arrays[k] for k in sorted(k for k in arrays if k.startswith("global_"))]
-        state = {k.removeprefix("strategy_"): v for k, v in arrays.items()
-                 if k.startswith("strategy_")}
-        return glob, state
+    split_checkpoint = staticmethod(checkpoint.split_checkpoint)
 
     def finish(self) -> str:
         """Save the final artefact, plots and return the summary table."""
@@ -300,19 +305,4 @@ class TrackedStrategy(Strategy):
 
     def headline(self) -> str:
         """``server_accuracy: 0.24 (round 0) -> 0.90 (round 3)`` for each server metric."""
-        recs = self.run.records
-        if not recs:
-            return ""
-        out = []
-        for key in ("server_accuracy", "server_rouge-l", "server_loss"):
-            pts = [(r["round"], r[key]) for r in recs if key in r]
-            if len(pts) >= 2:
-                out.append(f"{key}: {pts[0][1]:.4f} (round {pts[0][0]}) -> {pts[-1][1]:.4f} "
-                           f"(round {pts[-1][0]})")
-        return "\n".join(out)
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+        return self.records.headline()

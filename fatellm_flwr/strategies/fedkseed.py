@@ -41,7 +41,7 @@ Protocol (Flower's legacy fit/evaluate: float arrays + a config dict)
     - arrays: ``C_v - C_b`` as the cheaper of sparse ``[indices uint16 (int32 for K > 65536),
       values float32]`` (6 bytes per seed that changed) or dense ``[float32 K]``, nothing
       when equal; then, from the second round on, the seed scores quantised to uint8
-      (K bytes, :func:`~fatellm_flwr.clients.fedkseed.encode_probabilities`; the client's
+      (K bytes, :func:`~fatellm_flwr.wire.fedkseed.encode_probabilities`; the client's
       sampling distribution is within 0.2% of the exact one per seed).
 
     The server remembers, per node, the version it last brought that node to (a node that
@@ -64,7 +64,7 @@ Replay cost
     A rebuild generates each seed's z once per tensor with its accumulated coefficient
     (:func:`~fatellm_flwr.zo.apply_seed_updates`), never per step or per round. A client
     process (simulation engine actor) keeps its rebuilt model and the exact coefficients it
-    has applied (:class:`~fatellm_flwr.clients.fedkseed.ZoModel`): moving to the next
+    has applied (:class:`~fatellm_flwr.zo_model.ZoModel`): moving to the next
     global model undoes its own local steps and applies the round's delta in one pass over
     the seeds that changed (<= clients x steps, <= K), fewer z generations than the round's
     local training (3 per step, plus 2 forwards) when <= 3 clients train per round; with
@@ -77,7 +77,7 @@ Replay cost
 
 Server side
     The server holds its own copy of the model and moves it with the same
-    :class:`~fatellm_flwr.clients.fedkseed.ZoModel` to evaluate the global model every
+    :class:`~fatellm_flwr.zo_model.ZoModel` to evaluate the global model every
     round. Flower's "global parameters" are ``[C]`` (what is checkpointed each round, with
     the seed history, the version and the run id, so ``resume-from`` continues). Each
     ``round-XXX/`` holds ``fedkseed-coefficients.npz`` (``C`` + what is needed to replay it:
@@ -105,24 +105,34 @@ from flwr.common import (
 from flwr.common.logger import log
 from flwr.server.strategy import FedAvg
 
-from ..clients.fedkseed import (
+from ..config import Config, ConfigError
+from ..models import count_parameters, load_base_model, load_tokenizer
+from ..outputs import (
+    FINAL,
+    FULL_MODEL,
+    MODEL_MANIFEST,
+    ZO_COEFFICIENTS,
+    atomic_write_bytes,
+    atomic_write_json,
+    model_manifest,
+    save_model_folder,
+)
+from ..wire.common import parameters_nbytes
+from ..wire.fedkseed import (
     KEY_BASE,
     KEY_DELTA,
     KEY_PROBS,
     KEY_RUN,
     KEY_VERSION,
     METRIC_NEED_FULL,
-    ZoModel,
     encode_coefficients,
     encode_probabilities,
     upload_problem,
 )
-from ..config import Config, ConfigError
-from ..metrics import evaluate_model
-from ..models import count_parameters, load_base_model, load_tokenizer, save_adapter
-from ..outputs import atomic_write_bytes
 from ..zo import SeedHistory, candidate_seeds
-from .base import TrackedStrategy, parameters_nbytes
+from ..zo_model import ZoModel
+from .base import TrackedStrategy
+from .evaluation import HeldOutSet, model_evaluator
 
 COEFFS_FILE = "fedkseed-coefficients.npz"
 _EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -233,20 +243,6 @@ class _SeedAggregator(FedAvg):
         return self.owner.aggregate_seeds(server_round, results), {}
 
 
-class _WithExtras:
-    """Duck-typed for :func:`~fatellm_flwr.models.save_adapter`: model + tokenizer + C."""
-
-    def __init__(self, model, tokenizer, coeffs_npz: bytes):
-        self.model, self.tokenizer, self.coeffs_npz = model, tokenizer, coeffs_npz
-
-    def save_pretrained(self, path) -> None:
-        from pathlib import Path
-
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        (Path(path) / COEFFS_FILE).write_bytes(self.coeffs_npz)
-
-
 # --------------------------------------------------------------------------- strategy
 class FedKSeedStrategy(TrackedStrategy):
     """Server side of FedKSeed: seed coefficients, per-node differences, evaluation, saving."""
@@ -255,7 +251,7 @@ class FedKSeedStrategy(TrackedStrategy):
                  round_offset: int = 0, ledger=None, strategy_state=None):
         check_fedkseed_config(cfg)
         self.tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
-        model = load_base_model(cfg.model, cfg.gguf_file, "none", cfg.dtype).eval()
+        model = load_base_model(cfg.model, cfg.gguf_file, "none", cfg.dtype, cfg.device).eval()
         self.seeds = candidate_seeds(cfg.zo_num_seeds, cfg.seed)
         self.zmodel = ZoModel(model, self.seeds, cfg.zo_exclude_embeddings)
         self.server = SeedServer(cfg.zo_num_seeds, cfg.zo_lr, cfg.zo_bias_loss_clip)
@@ -270,8 +266,12 @@ class FedKSeedStrategy(TrackedStrategy):
             min_available_clients=cfg.min_available_clients,
             fit_metrics_aggregation_fn=lambda _: {},
             evaluate_metrics_aggregation_fn=lambda _: {})
+        evaluate_fn = model_evaluator(self.zmodel.model, self.tokenizer, cfg,
+                                      lambda arrays: self.zmodel.move_to(arrays[0]),
+                                      HeldOutSet(cfg, self.tokenizer))
         super().__init__(cfg, inner, run, [self.server.coeffs.copy()],
-                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger)
+                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger,
+                         evaluate_fn=evaluate_fn)
         self.run_id = uuid.uuid4().hex[:12]
         if strategy_state:
             self.load_strategy_state(strategy_state)
@@ -321,6 +321,8 @@ class FedKSeedStrategy(TrackedStrategy):
             seen.add(cid)
             if res.metrics.get(METRIC_NEED_FULL):
                 self.server.forget(cid)
+                if kind == "fit":
+                    self.set_aside(rnd, [cid])
                 log(WARNING, "round %d: client %s (partition %s) lacks the base version; it "
                     "is left out and gets the full coefficient vector next time", rnd, cid,
                     res.metrics.get("partition-id", "?"))
@@ -342,14 +344,15 @@ class FedKSeedStrategy(TrackedStrategy):
         self._pending.setdefault(rnd, {})["clients_need_full"] = len(results) - len(usable)
         return out
 
-    def aggregate_seeds(self, server_round: int, results) -> Parameters:
-        """The FedKSeed aggregate of validated results: ``[C]`` after this round."""
+    def aggregate_seeds(self, rnd: int, results) -> Parameters:
+        """The FedKSeed aggregate of validated results: ``[C]`` after round ``rnd`` (the
+        run's absolute round number, as the base class hands it to its inner strategy)."""
         uploads = []
         for _, res in results:
             idx, g = parameters_to_ndarrays(res.parameters)
             uploads.append((idx, g, res.num_examples))
         delta = self.server.aggregate(uploads)
-        self._pending.setdefault(self.absolute(server_round), {}).update({
+        self._pending.setdefault(rnd, {}).update({
             "zo_version": self.server.version,
             "zo_steps_aggregated": int(sum(len(u[0]) for u in uploads)),
             "zo_seeds_updated": int(np.count_nonzero(delta)),
@@ -367,14 +370,6 @@ class FedKSeedStrategy(TrackedStrategy):
         return super().aggregate_evaluate(server_round, usable, failures)
 
     # ------------------------------------------------------------------ evaluation, saving
-    def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        task_data, raw, tokenized = self.test_sets()
-        if len(raw) == 0:
-            return {}
-        self.zmodel.move_to(arrays[0])
-        return evaluate_model(self.zmodel.model, self.tokenizer, raw, tokenized, task_data,
-                              self.cfg)
-
     def coefficients_npz(self, coeffs: np.ndarray) -> bytes:
         """``C`` + what a reader needs to replay it onto ``x0`` (``zo`` functions)."""
         meta = {"model": self.cfg.model, "zo_num_seeds": self.cfg.zo_num_seeds,
@@ -390,11 +385,16 @@ class FedKSeedStrategy(TrackedStrategy):
     def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
         npz = self.coefficients_npz(arrays[0])
         if not final:  # a few KB per round; the full model only at the end
-            atomic_write_bytes(self.run.round_dir(server_round) / COEFFS_FILE, npz)
+            folder = self.run.round_dir(server_round)
+            atomic_write_bytes(folder / COEFFS_FILE, npz)
+            atomic_write_json(folder / MODEL_MANIFEST, model_manifest(
+                ZO_COEFFICIENTS, "fedkseed", self.cfg.model, self.cfg.gguf_file, server_round))
             return
         self.zmodel.move_to(arrays[0])
-        save_adapter(_WithExtras(self.zmodel.model, self.tokenizer, npz),
-                     self.run.path / "final")
+        save_model_folder(self.run.path / FINAL, self.zmodel.model, self.tokenizer,
+                          kind=FULL_MODEL, algorithm="fedkseed", base_model=self.cfg.model,
+                          gguf_file=self.cfg.gguf_file, server_round=server_round,
+                          extra_files={COEFFS_FILE: npz})
 
     # ------------------------------------------------------------------ checkpoint
     def strategy_state(self) -> dict[str, np.ndarray]:

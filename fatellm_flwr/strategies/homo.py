@@ -1,21 +1,26 @@
 """FedHomoLLM server: aggregate PEFT adapters (FATE-LLM's homo federated PEFT).
 
 Weighted FedAvg (McMahan et al. 2017) over the trainable tensors, FedProx (Li et al.
-2020; the proximal term lives on the clients), and adaptive server optimizers FedAdam /
+2020; the proximal term lives on the clients, which read `proximal-mu` from the run config
+every party shares: the server does not resend it), and adaptive server optimizers FedAdam /
 FedYogi / FedAvgM (Reddi et al. 2021; Hsu et al. 2019) — Flower's own implementations,
 wrapped by :class:`~fatellm_flwr.strategies.base.TrackedStrategy`.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from ..config import Config
-from ..metrics import evaluate_model
-from ..models import count_parameters, load_peft_model, save_adapter, set_trainable_state
+from ..models import count_parameters, load_peft_model, set_trainable_state
+from ..outputs import FINAL, PEFT_ADAPTER, save_model_folder
 from .base import TrackedStrategy
 from .client_dp import with_client_dp
+from .evaluation import HeldOutSet, model_evaluator
+from .flexlora import FlexLoRAFedAvg, count_own_rank_downloads, server_rank
 
 _SERVER_LR_DEFAULT = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedavgm": 1.0}
 
@@ -46,27 +51,52 @@ class HomoStrategy(TrackedStrategy):
 
     def __init__(self, cfg: Config, run, initial: list[np.ndarray] | None = None,
                  round_offset: int = 0, ledger=None, strategy_state=None):
-        self.model, self.tokenizer = load_peft_model(cfg)
-        from ..models import get_trainable_state
+        # FlexLoRA (clients at their own LoRA ranks): the global state at the largest rank
+        self.model, self.tokenizer = load_peft_model(
+            cfg.replace(lora_r=server_rank(cfg)) if cfg.flexlora else cfg)
+        from ..models import get_trainable_state, trainable_names
 
         initial = initial if initial is not None else get_trainable_state(self.model)
         _, total = count_parameters(self.model)
-        super().__init__(cfg, with_client_dp(cfg, build_aggregator(cfg, initial)), run, initial,
-                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger)
+        evaluate_fn = model_evaluator(self.model, self.tokenizer, cfg,
+                                      partial(set_trainable_state, self.model),
+                                      HeldOutSet(cfg, self.tokenizer))
+        inner = build_aggregator(cfg, initial)
+        if cfg.flexlora:
+            inner = FlexLoRAFedAvg(trainable_names(self.model), cfg.lora_alpha,
+                                   server_rank(cfg), **_flexlora_kwargs(inner))
+        super().__init__(cfg, with_client_dp(cfg, inner), run, initial,
+                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger,
+                         evaluate_fn=evaluate_fn)
         if strategy_state:
             self.load_strategy_state(strategy_state)
 
-    def fit_config(self, server_round: int) -> dict:
-        return {"proximal-mu": self.cfg.proximal_mu}
+    def check_result(self, arrays: list[np.ndarray]) -> str | None:
+        if isinstance(self.aggregator, FlexLoRAFedAvg):  # any rank per LoRA pair
+            return self.aggregator.problem(arrays, self.current)
+        return super().check_result(arrays)
 
-    def evaluate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
-        task_data, raw, tokenized = self.test_sets()
-        if len(raw) == 0:
-            return {}
-        set_trainable_state(self.model, arrays)
-        return evaluate_model(self.model, self.tokenizer, raw, tokenized, task_data, self.cfg)
+    def configure_fit(self, server_round, parameters, client_manager):
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        if isinstance(self.aggregator, FlexLoRAFedAvg):
+            count_own_rank_downloads(self.ledger, self.absolute(server_round), parameters,
+                                     instructions)
+        return instructions
 
     def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
         set_trainable_state(self.model, arrays)
-        save_adapter(self.model, self.run.path / "final" if final
-                     else self.run.round_dir(server_round))
+        save_model_folder(self.run.path / FINAL if final else self.run.round_dir(server_round),
+                          self.model, self.tokenizer, kind=PEFT_ADAPTER, algorithm="homo",
+                          base_model=self.cfg.model, gguf_file=self.cfg.gguf_file,
+                          server_round=server_round)
+
+
+def _flexlora_kwargs(fedavg: FedAvg) -> dict:
+    """The sampling settings of a Flower FedAvg, to build FlexLoRA's with the same."""
+    return dict(fraction_fit=fedavg.fraction_fit, fraction_evaluate=fedavg.fraction_evaluate,
+                min_fit_clients=fedavg.min_fit_clients,
+                min_evaluate_clients=fedavg.min_evaluate_clients,
+                min_available_clients=fedavg.min_available_clients,
+                initial_parameters=fedavg.initial_parameters,
+                fit_metrics_aggregation_fn=fedavg.fit_metrics_aggregation_fn,
+                evaluate_metrics_aggregation_fn=fedavg.evaluate_metrics_aggregation_fn)

@@ -9,28 +9,34 @@ on their data; every round the server FedAvgs the adapters (or FedAdam/FedYogi/F
 :func:`~fatellm_flwr.strategies.homo.build_aggregator`) and plugs them into the full
 model (:func:`~fatellm_flwr.emulator.plug_in`). Clients never receive the dropped blocks.
 
-Protocol (Flower's legacy fit/evaluate messages carry float arrays + a config dict):
+Protocol (Flower's legacy fit/evaluate messages carry float arrays + a config dict; the
+keys and records are in :mod:`fatellm_flwr.wire.offsite`):
 
-- Fit ``Parameters`` = the adapter tensors (float32, in
+- Fit/evaluate ``Parameters`` = the adapter tensors only (float32, in
   :func:`~fatellm_flwr.emulator.adapter_parameter_names` order) — exactly what is
-  aggregated and what clients return — followed, *only for a node that has not been sent
-  it yet*, by the frozen rest of the emulator: the ``n`` kept middle blocks, embeddings
-  (+ position embeddings), final norm and the LM head when untied (a tied head travels
-  once, as the embeddings).
+  aggregated and what clients return, so Flower's clipping and SecAgg+ mods apply as to
+  any update.
+- The frozen rest of the emulator (the ``n`` kept middle blocks, embeddings (+ position
+  embeddings), final norm and the LM head when untied; a tied head travels once, as the
+  embeddings) travels *once per node*, as its own ``ArrayRecord`` (+ a ``ConfigRecord``
+  with the emulator id and tensor names) in that node's first fit message: the strategy
+  queues it in its :class:`~fatellm_flwr.strategies.outbox.NodeOutbox`, the ServerApp's
+  ``OutboxGrid`` attaches it, and the client's ``node_records_mod`` stores it in the
+  node's ``context.state``.
 - Fit/evaluate config: ``offsite-num-layers`` (L), ``offsite-arch`` (JSON of the
   emulator's transformers config, with its kept-layer map), ``offsite-adapter-names``,
   ``offsite-emulator-id`` (SHA-1 of the architecture and the frozen tensors), and
-  ``offsite-frozen-count`` / ``offsite-frozen-names`` telling the client how many of the
-  arrays after the adapters are frozen tensors. Clients rebuild the emulator with
+  ``offsite-frozen-count`` (frozen tensors attached to this message, 0 after the first
+  time; informational). Clients rebuild the emulator with
   :func:`~fatellm_flwr.emulator.emulator_from_payload` from these alone: they never load
   the full model (only the tokenizer files of ``model``).
 - Caching: a client keeps the frozen part in a process cache (the simulation engine's
-  long-lived actors) and in its node's Flower ``context.state`` (an ``ArrayRecord``, which
-  persists per node across rounds in simulation *and* in deployment, where each round is
-  a fresh process). The server remembers which nodes it sent the frozen part to and sends
-  them only the adapters afterwards. Fallback: a node without a copy (state lost) replies
-  ``offsite-need-emulator`` with no arrays; it is left out of that round's aggregate and
-  gets the frozen part again in the next round it is sampled. A resumed run resends it.
+  long-lived actors) and in its node's Flower ``context.state`` (which persists per node
+  across rounds in simulation *and* in deployment, where each round is a fresh process).
+  The server remembers which nodes it sent the frozen part to and sends them only the
+  adapters afterwards. Fallback: a node without a copy (state lost) replies
+  ``offsite-need-emulator`` with no arrays; it is left out of that round's aggregate and gets the
+  frozen part again in the next round it is sampled. A resumed run resends it.
 
 Why cache rather than resend every round: the frozen part is several times larger than
 the adapters. SmolLM2-135M (30 blocks, tied head) at a=2, b=2, n=6: adapters 56.7 MB,
@@ -39,11 +45,9 @@ sends 255 MB down per client (47% of the full model); later rounds 56.7 MB down 
 (10.5%); resending every round would cost 4.5x the adapter bytes for nothing. The ledger
 counts the frozen bytes in the round they travel, plus the config strings.
 
-Client-side clipping (``client-dp`` = client-fixed/client-adaptive) is rejected: Flower's
-clipping mods subtract what the server sent from what the client returns with a strict
-zip, which fails in rounds that also carry the frozen emulator. Server-side DP, DP-SGD
-and SecAgg+ work (SecAgg+'s delta mod pairs the returned adapters with the first arrays
-received, the adapters; its float64 aggregate is cast back to float32 for the wire).
+Client-level DP (server- or client-side clipping), DP-SGD and SecAgg+ work: ``Parameters``
+hold only the adapters, so the clipping and delta mods pair what the client returns with
+what it received (the base class casts SecAgg+'s float64 aggregate back to float32).
 
 Server evaluation, every round, on the held-out test set (record keys ``server_*``):
 ``full_zeroshot_*`` (full model, original adapters; computed once), ``emulator_original_*``
@@ -63,20 +67,9 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.common import EvaluateIns, FitIns, Parameters, ndarrays_to_parameters
+from flwr.common import EvaluateIns, FitIns
 from flwr.common.logger import log
 
-from ..clients.offsite import (
-    KEY_ADAPTER_NAMES,
-    KEY_ARCH,
-    KEY_EMULATOR_ID,
-    KEY_FROZEN_COUNT,
-    KEY_FROZEN_NAMES,
-    KEY_NUM_LAYERS,
-    METRIC_NEED_EMULATOR,
-    get_named,
-    set_named,
-)
 from ..config import Config, ConfigError
 from ..data import collate, load_raw_dataset
 from ..emulator import (
@@ -90,9 +83,22 @@ from ..emulator import (
     plug_in,
 )
 from ..metrics import evaluate_model
-from ..models import count_parameters, load_base_model, load_tokenizer, save_adapter
-from ..outputs import atomic_write_bytes, atomic_write_json
-from .base import TrackedStrategy, parameters_nbytes
+from ..models import count_parameters, load_base_model, load_tokenizer
+from ..outputs import FINAL, FULL_MODEL, atomic_write_bytes, atomic_write_json, save_model_folder
+from ..wire.common import to_wire
+from ..wire.offsite import (
+    KEY_ADAPTER_NAMES,
+    KEY_ARCH,
+    KEY_EMULATOR_ID,
+    KEY_FROZEN_COUNT,
+    KEY_NUM_LAYERS,
+    METRIC_NEED_EMULATOR,
+    emulator_records,
+    get_named,
+    records_nbytes,
+    set_named,
+)
+from .base import TrackedStrategy
 from .client_dp import with_client_dp
 from .homo import build_aggregator
 
@@ -107,11 +113,6 @@ def check_offsite_config(cfg: Config) -> None:
         raise ConfigError(f"algorithm='offsite' needs quantization='none' (got "
                           f"{cfg.quantization!r}): the emulator is built by copying blocks of "
                           "the server's full-precision model and clients train whole blocks")
-    if cfg.client_dp in ("client-fixed", "client-adaptive"):
-        raise ConfigError(f"client-dp={cfg.client_dp!r} does not work with algorithm='offsite': "
-                          "Flower's client-side clipping mods need the client to return as "
-                          "many arrays as it received, but round 1 also carries the frozen "
-                          "emulator; use client-dp='server-fixed' or 'server-adaptive'")
     if cfg.offsite_bottom + cfg.offsite_top == 0:
         raise ConfigError("offsite-bottom=0 and offsite-top=0 leave no adapter blocks to train;"
                           " set at least one of them > 0")
@@ -174,17 +175,6 @@ def public_text_batches(cfg: Config, tokenizer, count: int) -> list[dict[str, to
             for i in range(0, len(rows), cfg.batch_size)]
 
 
-class _WithTokenizer:
-    """Duck-typed for :func:`~fatellm_flwr.models.save_adapter`: model + tokenizer."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def save_pretrained(self, path) -> None:
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-
 class OffsiteStrategy(TrackedStrategy):
     """Server side of offsite-tuning: full model, emulator, adapter aggregation, plug-in."""
 
@@ -192,7 +182,8 @@ class OffsiteStrategy(TrackedStrategy):
                  round_offset: int = 0, ledger=None, strategy_state=None):
         check_offsite_config(cfg)
         self.tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
-        self.full = load_base_model(cfg.model, cfg.gguf_file, "none", cfg.dtype).eval()
+        self.full = load_base_model(cfg.model, cfg.gguf_file, "none", cfg.dtype,
+                                    cfg.device).eval()
         for p in self.full.parameters():
             p.requires_grad_(False)
         self.split = make_split(cfg, len(decoder_blocks(self.full)))
@@ -205,17 +196,19 @@ class OffsiteStrategy(TrackedStrategy):
         payload = client_payload(self.emulator)
         adapters = set(self.adapter_names)
         self.frozen_names = [n for n in payload if n not in adapters]
-        self.frozen_parameters = ndarrays_to_parameters(
-            [payload[n].to(torch.float32).numpy() for n in self.frozen_names])
+        frozen = {n: payload[n].to("cpu", torch.float32).numpy() for n in self.frozen_names}
         del payload
-        self.frozen_bytes = parameters_nbytes(self.frozen_parameters)
         self.arch = self.emulator.config.to_json_string(use_diff=False)
         digest = hashlib.sha1(self.arch.encode())
-        for t in self.frozen_parameters.tensors:
-            digest.update(t)
+        for name, a in frozen.items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
         self.emulator_id = digest.hexdigest()[:16]
+        self.emulator_records = emulator_records(  # in wire-dtype, like the adapters
+            self.emulator_id, dict(zip(frozen, to_wire(list(frozen.values()), cfg.wire_dtype))))
+        del frozen
+        self.frozen_bytes = records_nbytes(self.emulator_records)
         self._names_json = json.dumps(self.adapter_names)
-        self._frozen_names_json = json.dumps(self.frozen_names)
         initial = initial if initial is not None else [a.copy() for a in self.original]
         _, total = count_parameters(self.full)
         super().__init__(cfg, with_client_dp(cfg, build_aggregator(cfg, initial)), run, initial,
@@ -279,7 +272,7 @@ class OffsiteStrategy(TrackedStrategy):
                 KEY_ARCH: self.arch, KEY_ADAPTER_NAMES: self._names_json}
 
     def fit_config(self, server_round: int) -> dict:
-        return {**self._common_config(), "proximal-mu": self.cfg.proximal_mu}
+        return self._common_config()
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = super().configure_fit(server_round, parameters, client_manager)
@@ -295,13 +288,9 @@ class OffsiteStrategy(TrackedStrategy):
                 self.ledger.add(rnd, cid, down=config_bytes)
                 continue
             config[KEY_FROZEN_COUNT] = len(self.frozen_names)
-            config[KEY_FROZEN_NAMES] = self._frozen_names_json
-            params = Parameters(tensors=list(ins.parameters.tensors)
-                                + list(self.frozen_parameters.tensors),
-                                tensor_type=ins.parameters.tensor_type)
-            out.append((proxy, FitIns(params, config)))
-            self.ledger.add(rnd, cid, down=self.frozen_bytes + config_bytes
-                            + len(self._frozen_names_json))
+            self.outbox.put(cid, self.emulator_records)  # its own records, not Parameters
+            out.append((proxy, FitIns(ins.parameters, config)))
+            self.ledger.add(rnd, cid, down=self.frozen_bytes + config_bytes)
             self._sent_emulator.add(cid)
         return out
 
@@ -310,16 +299,15 @@ class OffsiteStrategy(TrackedStrategy):
         need = [(p, r) for p, r in results if r.metrics.get(METRIC_NEED_EMULATOR)]
         for proxy, res in need:
             self._sent_emulator.discard(str(proxy.cid))
+            self.outbox.discard(str(proxy.cid))
             log(WARNING, "round %d: client %s (partition %s) has no copy of the emulator; it "
                 "is left out of this round and gets the frozen part again next time", rnd,
                 proxy.cid, res.metrics.get("partition-id", "?"))
+        self.set_aside(rnd, [p.cid for p, _ in need])
         usable = [(p, r) for p, r in results if not r.metrics.get(METRIC_NEED_EMULATOR)]
+        # the base class keeps the adapters in their dtype (SecAgg+'s sum is float64)
         params, metrics = super().aggregate_fit(server_round, usable, failures)
         self._pending.setdefault(rnd, {})["clients_need_emulator"] = len(need)
-        if params is not None and any(a.dtype != np.float32 for a in self.current):
-            # SecAgg+ dequantizes to float64: keep the wire (and the ledger) at float32
-            self.current = [a.astype(np.float32) for a in self.current]
-            params = ndarrays_to_parameters(self.current)
         return params, metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -363,6 +351,8 @@ class OffsiteStrategy(TrackedStrategy):
 
     def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
         self.plug(arrays)
-        save_adapter(_WithTokenizer(self.full, self.tokenizer),
-                     self.run.path / "final" if final else self.run.round_dir(server_round))
+        save_model_folder(self.run.path / FINAL if final else self.run.round_dir(server_round),
+                          self.full, self.tokenizer, kind=FULL_MODEL, algorithm="offsite",
+                          base_model=self.cfg.model, gguf_file=self.cfg.gguf_file,
+                          server_round=server_round)
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fatellm_flwr.clients.homo import HomoClient
@@ -15,11 +16,17 @@ def _cfg(model, data, **kw):
                                    "lora-dropout": 0.0, "num-server-rounds": 2, **kw})
 
 
+def _ctx() -> Context:
+    """A node's own Flower context: its DP history lives in ``context.state``, so no other
+    test's client (sharing the process-level fallback) can leak into it."""
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
 def test_epsilon_accumulates_over_rounds_and_matches_opacus(tiny_model_dir,
                                                            tiny_classification_file):
     cfg = _cfg(tiny_model_dir("llama"), tiny_classification_file,
                **{"dp-noise-multiplier": 1.2})
-    client = HomoClient(cfg, partition_id=0, num_partitions=2)
+    client = HomoClient(cfg, partition_id=0, num_partitions=2, context=_ctx())
     params = client.get_parameters({})
     eps = []
     for rnd in (1, 2):
@@ -37,10 +44,40 @@ def test_epsilon_accumulates_over_rounds_and_matches_opacus(tiny_model_dir,
 def test_budget_stops_training_with_unchanged_adapter(tiny_model_dir, tiny_classification_file):
     cfg = _cfg(tiny_model_dir("llama"), tiny_classification_file,
                **{"dp-noise-multiplier": 0.8, "dp-max-epsilon": 0.5})
-    client = HomoClient(cfg, partition_id=1, num_partitions=2)
+    client = HomoClient(cfg, partition_id=1, num_partitions=2, context=_ctx())
     params = client.get_parameters({})
     new, _, m = client.fit(params, {"server-round": 1})
     assert m["dp_budget_reached"] == 1.0 and m["dp_epsilon"] <= 0.5
     if m["dp_steps"] == 0:
         for a, b in zip(new, params):
             np.testing.assert_array_equal(a, b)
+
+
+def _fit_twice(cfg):
+    """Two fresh clients (same config, partition, global state) each train one DP round."""
+    first = HomoClient(cfg, partition_id=0, num_partitions=2, context=_ctx())
+    params = first.get_parameters({})
+    out = [first.fit(params, {"server-round": 1})[0]]
+    second = HomoClient(cfg, partition_id=0, num_partitions=2, context=_ctx())
+    out.append(second.fit(params, {"server-round": 1})[0])
+    return params, out
+
+
+def test_dp_noise_is_not_derived_from_the_shared_seed(tiny_model_dir, tiny_classification_file):
+    """The run config (seed included) is known to the server: two runs of the same client
+    with the same config must still draw different noise and batches (before, both were
+    seeded from seed + 1000 * round + partition and came out bit-identical)."""
+    cfg = _cfg(tiny_model_dir("llama"), tiny_classification_file,
+               **{"dp-noise-multiplier": 1.0})
+    params, (a, b) = _fit_twice(cfg)
+    assert any(not np.array_equal(x, p) for x, p in zip(a, params))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_reproducible_noise_key_makes_runs_identical(tiny_model_dir, tiny_classification_file):
+    cfg = _cfg(tiny_model_dir("llama"), tiny_classification_file,
+               **{"dp-noise-multiplier": 1.0, "dp-reproducible-noise": True})
+    params, (a, b) = _fit_twice(cfg)
+    assert any(not np.array_equal(x, p) for x, p in zip(a, params))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

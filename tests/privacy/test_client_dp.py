@@ -63,6 +63,36 @@ def test_server_side_fixed_mean_and_noise_std():
     # fewer results than sampled: noise stays calibrated to num_sampled
     noisy = cdp.server_side_fixed(zeros[:3], None, 2.0, 1.5, rng, num_sampled=6)[0]
     assert noisy.std() == pytest.approx(0.5, rel=0.02)
+    with pytest.raises(ValueError, match=r"num_sampled=2 is invalid"):
+        cdp.server_side_fixed(zeros[:3], None, 2.0, 1.5, rng, num_sampled=2)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "client-clipped", "server-adaptive"])
+def test_dropped_clients_mean_and_noise_use_the_sampled_count(mode):
+    """3 of 6 sampled clients reply: the mean is the sum of clipped updates / 6 (the missing
+    ones count as zero updates) and the noise z * C / 6, so the sensitivity C / 6 and the
+    noise match; dividing by the 3 received would double the sensitivity."""
+    rng = np.random.default_rng(11)
+    clip = 0.5
+    updates = [_update(rng, s) for s in (1.0, 1e-3, 3.0)]
+    if mode == "client-clipped":
+        updates = [cdp.client_side_clip(u, clip)[0] for u in updates]
+    clipped = [cdp.clip_update(u, clip)[0] for u in updates]
+    want = [sum(u[i].astype(np.float64) for u in clipped) / 6 for i in range(2)]
+
+    if mode == "server-fixed":
+        out = cdp.server_side_fixed(updates, None, clip, 0.0, rng, num_sampled=6)
+    elif mode == "client-clipped":
+        out = cdp.aggregate_client_clipped(updates, clip, 0.0, rng, num_sampled=6)
+    else:
+        state = cdp.AdaptiveClipState(clip_norm=clip)
+        out = cdp.server_side_adaptive(updates, state, 0.0, rng, num_sampled=6)
+    for got, w in zip(out, want):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-9)
+    # one client more or less moves the result by at most C / 6
+    more = cdp.server_side_fixed([*updates, _update(rng, 9.0)], None, clip, 0.0, rng,
+                                 num_sampled=6)
+    assert cdp.update_norm([a - b for a, b in zip(more, out)]) <= clip / 6 * (1 + 1e-6)
 
 
 def test_unequal_weights_are_ignored_with_warning(caplog):
@@ -118,12 +148,17 @@ def test_adaptive_clip_norm_moves_toward_the_quantile():
 
 
 def test_adaptive_noise_split_and_update_noise_std():
-    # Andrew et al.: z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2, sigma_b default m / 20
+    # Andrew et al.: z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2, sigma_b default max(m / 20, z)
     sigma_b, z_delta = cdp.adaptive_noise_params(1.0, 100)
     assert sigma_b == 5.0 and z_delta == pytest.approx((1.0 - 1 / 100) ** -0.5)
     assert cdp.adaptive_noise_params(0.0, 100) == (0.0, 0.0)
+    # few clients (m / 20 would be 0.1 .. 0.5 <= z / 2 and fail): sigma_b = z, z_delta 1.155 z
+    for m in (2, 3, 5, 10):
+        sigma_b, z_delta = cdp.adaptive_noise_params(1.0, m)
+        assert sigma_b == 1.0 and z_delta == pytest.approx((1.0 - 1 / 4) ** -0.5)
+        assert (z_delta**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"noise_multiplier=1.0 needs clipped_count_stddev"):
-        cdp.adaptive_noise_params(1.0, 10)  # sigma_b = 0.5 <= z / 2
+        cdp.adaptive_noise_params(1.0, 10, clipped_count_stddev=0.5)  # 0.5 <= z / 2
 
     rng = np.random.default_rng(5)
     state = cdp.AdaptiveClipState.for_round(noise_multiplier=1.0, num_sampled=4,
@@ -135,6 +170,46 @@ def test_adaptive_noise_split_and_update_noise_std():
     # noise uses the C the updates were clipped with (2.0), not the updated one
     assert noisy.std() == pytest.approx(z_delta * 2.0 / 4, rel=0.02)
     assert state.clip_norm != 2.0
+
+
+def test_flower_num_sampled_is_what_flowers_fedavg_samples():
+    from flwr.server.strategy import FedAvg
+
+    for fraction, min_fit, available in [(1.0, 2, 3), (0.5, 2, 3), (0.1, 2, 5), (0.3, 1, 10),
+                                         (0.25, 3, 40), (0.99, 2, 7)]:
+        want, _ = FedAvg(fraction_fit=fraction, min_fit_clients=min_fit).num_fit_clients(
+            available)
+        assert cdp.flower_num_sampled(fraction, min_fit, available) == want
+    # the rate is not fraction-fit: 0.5 of 3 available samples 2 clients, q = 2/3
+    assert cdp.flower_num_sampled(0.5, 2, 3) / 3 == pytest.approx(2 / 3)
+
+
+def test_client_level_epsilon_composes_per_round_rates_like_opacus():
+    """Rounds at different sampling rates (available clients changed) compose: stepping
+    Opacus' accountants round by round, and summing Mironov's RDP by hand, agree."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    rates = [2 / 3, 2 / 3, 0.4, 0.0, 1.0, 0.4]  # 0.0: a round that sampled nobody
+    for name, cls, qs in (("rdp", RDPAccountant, rates), ("prv", PRVAccountant, [0.5, 0, 0.25])):
+        acc = cls()
+        for q in qs:
+            if q > 0:
+                acc.step(noise_multiplier=1.3, sample_rate=q)
+        got = cdp.client_level_epsilon_rates(1.3, qs, 1e-5, accountant=name)
+        assert got == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6), name
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=1.3, steps=1, orders=orders)
+              for q in rates if q > 0)
+    by_hand, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    assert cdp.client_level_epsilon_rates(1.3, rates, 1e-5) == pytest.approx(by_hand, rel=1e-9)
+    # one rate repeated = client_level_epsilon; rates above fraction-fit cost more
+    assert cdp.client_level_epsilon_rates(1.3, [0.5] * 4, 1e-5) == pytest.approx(
+        cdp.client_level_epsilon(1.3, 0.5, 4, 1e-5))
+    assert cdp.client_level_epsilon(1.3, 2 / 3, 4, 1e-5) > cdp.client_level_epsilon(
+        1.3, 0.5, 4, 1e-5)
+    assert cdp.client_level_epsilon_rates(1.3, [0.0, 0.0], 1e-5) == 0.0
+    with pytest.raises(ValueError, match=r"sampling_rate=1.2 is invalid"):
+        cdp.client_level_epsilon_rates(1.3, [0.5, 1.2], 1e-5)
 
 
 def test_client_level_epsilon_matches_opacus_accountants():

@@ -86,3 +86,16 @@ def test_server_optimizers_move_towards_clients_and_keep_state(tmp_path, aggrega
         if getattr(s.inner, key, None) is not None:
             np.testing.assert_array_equal(getattr(fresh.inner, key)[0], getattr(s.inner, key)[0])
     assert isinstance(build_aggregator(Config(), initial), FedAvg)
+
+
+def test_proximal_mu_has_one_source_the_run_config(tmp_path, tiny_model_dir):
+    """FedProx's mu comes from the run config every party validates; the server does not send
+    a second copy with each fit (issue 9.7: the copy was never read)."""
+    from fatellm_flwr.testing import FakeClientManager
+
+    cfg = Config.from_run_config({"model": str(tiny_model_dir("llama")), "server-eval": False,
+                                  "aggregator": "fedprox", "proximal-mu": 0.1})
+    s = HomoStrategy(cfg, RunDir(tmp_path / "run"))
+    manager = FakeClientManager(2)
+    for _, ins in s.configure_fit(1, s.initialize_parameters(manager), manager):
+        assert not any("prox" in k for k in ins.config), ins.config

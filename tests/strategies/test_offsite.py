@@ -11,13 +11,6 @@ import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from transformers import AutoModelForCausalLM
 
-from fatellm_flwr.clients.offsite import (
-    KEY_ADAPTER_NAMES,
-    KEY_FROZEN_COUNT,
-    KEY_FROZEN_NAMES,
-    METRIC_NEED_EMULATOR,
-    split_arrays,
-)
 from fatellm_flwr.config import Config, ConfigError
 from fatellm_flwr.emulator import blocks_prefix
 from fatellm_flwr.outputs import RunDir
@@ -25,6 +18,13 @@ from fatellm_flwr.strategies.offsite import DISTILLED_FILE, OffsiteStrategy, che
 from fatellm_flwr.testing import FakeClientManager as Manager
 from fatellm_flwr.testing import FakeProxy as Proxy
 from fatellm_flwr.testing import build_tiny_model
+from fatellm_flwr.wire.offsite import (
+    EMULATOR_ARRAYS,
+    EMULATOR_META,
+    KEY_ADAPTER_NAMES,
+    KEY_FROZEN_COUNT,
+    METRIC_NEED_EMULATOR,
+)
 
 L = 8
 
@@ -79,11 +79,15 @@ def test_messages_carry_no_dropped_block(deep_model, tiny_classification_file, t
     assert split.dropped_indices() == [3, 4]
     ins = s.configure_fit(1, ndarrays_to_parameters(s.current), Manager(2))
     assert len(ins) == 2
-    _, first = ins[0]
-    arrays = parameters_to_ndarrays(first.parameters)
-    adapters, frozen = split_arrays(arrays, first.config)
-    names = json.loads(first.config[KEY_ADAPTER_NAMES]) + json.loads(
-        first.config[KEY_FROZEN_NAMES])
+    proxy, first = ins[0]
+    adapters = parameters_to_ndarrays(first.parameters)  # Parameters: the adapters only
+    # the frozen emulator travels in its own records, queued for this node's message
+    records = s.outbox.take(proxy.cid)
+    frozen_names = json.loads(str(records[EMULATOR_META]["names"]))
+    frozen = [records[EMULATOR_ARRAYS][n].numpy() for n in frozen_names]
+    assert str(records[EMULATOR_META]["id"]) == s.emulator_id
+    arrays = adapters + frozen
+    names = json.loads(first.config[KEY_ADAPTER_NAMES]) + frozen_names
     assert len(adapters) == len(s.adapter_names) and len(frozen) == first.config[KEY_FROZEN_COUNT]
     prefix = blocks_prefix(s.emulator)
     # by name: every block tensor maps to a kept block, never a dropped one
@@ -108,7 +112,8 @@ def test_messages_carry_no_dropped_block(deep_model, tiny_classification_file, t
     ins2 = s.configure_fit(2, ndarrays_to_parameters(s.current), Manager(3))
     counts = [i.config[KEY_FROZEN_COUNT] for _, i in ins2]
     assert counts == [0, 0, len(frozen)]  # node 2 is new this round
-    assert len(ins2[0][1].parameters.tensors) == len(adapters)
+    assert s.outbox.take("0") == {} and EMULATOR_ARRAYS in s.outbox.take("2")
+    assert all(len(i.parameters.tensors) == len(adapters) for _, i in ins2)
     r1, r2 = s.ledger.round_totals(1), s.ledger.round_totals(2)
     per_adapter = sum(a.nbytes for a in adapters)
     assert r1["bytes_down_per_client"] > per_adapter + s.frozen_bytes
@@ -184,13 +189,15 @@ def test_bad_split_and_combinations_fail_clearly(deep_model, tiny_classification
         make(config(deep_model("llama"), tiny_classification_file, tmp_path,
                     **{"offsite-bottom": 4, "offsite-top": 4, "offsite-emulator-layers": 0}))
     base = {"algorithm": "offsite"}
-    for bad, pattern in [({"client-dp": "client-fixed"}, "client-side clipping"),
-                         ({"quantization": "4bit"}, "quantization='none'"),
+    for bad, pattern in [({"quantization": "4bit"}, "quantization='none'"),
                          ({"offsite-bottom": 0, "offsite-top": 0}, "no adapter blocks"),
                          ({"offsite-distill": True, "offsite-distill-dataset": "builtin:bbc-news"},
                           "clients' dataset")]:
         with pytest.raises(ConfigError, match=pattern):
             check_offsite_config(Config.from_run_config({**base, **bad}))
+    # Parameters hold only the adapters: client-side clipping works with offsite now
+    for mode in ("client-fixed", "client-adaptive"):
+        check_offsite_config(Config.from_run_config({**base, "client-dp": mode}))
 
 
 def test_distilled_emulator_and_resume(deep_model, tiny_classification_file, tmp_path):

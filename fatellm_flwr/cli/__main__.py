@@ -1,0 +1,7 @@
+"""``python -m fatellm_flwr.cli`` = the ``fatellm`` command."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
