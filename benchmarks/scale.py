@@ -114,8 +114,19 @@ def main() -> None:
         "Skipped = a sampled client whose partition had no example (logged, not a failure).",
         bench.load_note(),
     ]
+    sizes = " / ".join(f"{n:,}" for n in args.clients)
+
+    def medians(key: str, fmt: str) -> str:
+        vals = [sorted(r[key] for r in bench.results[str(n)]) for n in args.clients]
+        return " / ".join(format(v[len(v) // 2], fmt) for v in vals)
+
+    summary = [(f"ServerApp peak RSS and whole-run time at {sizes} registered clients, 10 sampled "
+                "per round (tiny Llama)",
+                f"peak RSS {medians('peak_rss_mb', '.0f')} MB (x{rss_ratio:.2f} at "
+                f"{args.clients[-1]:,} vs {args.clients[0]:,}); whole run "
+                f"{medians('wall_s', '.0f')} s; {args.repeats} repetition(s) per size")]
     emit("scale", "Many registered clients (10 sampled per round)", table, command_line(),
-         notes, write=not args.no_write)
+         notes, write=not args.no_write, summary=summary)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from fatellm_flwr.outputs import RunDir
 from fatellm_flwr.strategies.base import parameters_nbytes
 from fatellm_flwr.strategies.fedkseed import FedKSeedStrategy
 from fatellm_flwr.testing import FakeClientManager as Manager
+from fatellm_flwr.wire import fedkseed as wf
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def run_rounds(strategy, cfg, manager, rounds, contexts):
             client = cf.FedKSeedClient(cfg, int(proxy.cid), len(manager.proxies),
                                        context=contexts[proxy.cid])
             arrays, n, m = client.fit(parameters_to_ndarrays(ins.parameters), ins.config)
-            assert m.get(cf.METRIC_NEED_FULL) is None
+            assert m.get(wf.METRIC_NEED_FULL) is None
             results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays),
                                           n, m)))
         params, _ = strategy.aggregate_fit(rnd, results, [])
@@ -80,17 +81,17 @@ def test_bytes_up_grow_with_steps_not_with_k(tiny_model_dir, tiny_classification
             cfg = make_cfg(tiny_model_dir("llama"), tiny_classification_file, tmp_path,
                            **{"zo-num-seeds": k, "local-steps": steps})
             client = cf.FedKSeedClient(cfg, 0, 2)
-            config = {"server-round": 1, cf.KEY_RUN: "r", cf.KEY_VERSION: 0, cf.KEY_BASE: 0,
-                      cf.KEY_DELTA: "none", cf.KEY_PROBS: False}
+            config = {"server-round": 1, wf.KEY_RUN: "r", wf.KEY_VERSION: 0, wf.KEY_BASE: 0,
+                      wf.KEY_DELTA: "none", wf.KEY_PROBS: False}
             arrays, n, metrics = client.fit([], config)
             assert metrics["zo_steps"] == steps and n > 0
             assert arrays[0].dtype == np.int32 and arrays[1].dtype == np.float32
             sizes[(k, steps)] = parameters_nbytes(ndarrays_to_parameters(arrays))
     assert sizes[(16, 5)] == sizes[(4096, 5)] and sizes[(16, 10)] == sizes[(4096, 10)]
     assert sizes[(16, 10)] - sizes[(16, 5)] == 5 * 8  # int32 index + float32 g per step
-    assert sizes[(16, 5)] == 5 * 8 + 2 * cf.NPY_HEADER
+    assert sizes[(16, 5)] == 5 * 8 + 2 * wf.NPY_HEADER
     # at the paper's 200 steps: under the 4 KB goal
-    assert parameters_nbytes(ndarrays_to_parameters(cf.encode_upload(np.arange(200),
+    assert parameters_nbytes(ndarrays_to_parameters(wf.encode_upload(np.arange(200),
                                                                      np.ones(200)))) < 4096
 
 
@@ -107,7 +108,7 @@ def test_fresh_client_rebuilding_from_full_vector_equals_caching_client(
 
     # round 4 for node 0: the server knows it holds version 2 -> sends only round 3's delta
     (_, ins), = s.configure_fit(4, params, Manager(["0"]))
-    assert ins.config[cf.KEY_BASE] == 2 and ins.config[cf.KEY_DELTA] in ("sparse", "dense")
+    assert ins.config[wf.KEY_BASE] == 2 and ins.config[wf.KEY_DELTA] in ("sparse", "dense")
     delta_bytes = parameters_nbytes(ins.parameters)
     client = cf.FedKSeedClient(cfg, 0, 2, context=contexts["0"])
     zm, _, metrics = client.rebuild(parameters_to_ndarrays(ins.parameters), ins.config)
@@ -117,7 +118,7 @@ def test_fresh_client_rebuilding_from_full_vector_equals_caching_client(
     # a fresh process that the server does not know: the full vector from x0
     cf.clear_model_cache()
     (_, full), = s.configure_fit(4, params, Manager(["fresh"]))
-    assert full.config[cf.KEY_BASE] == 0 and full.config[cf.KEY_VERSION] == 3
+    assert full.config[wf.KEY_BASE] == 0 and full.config[wf.KEY_VERSION] == 3
     assert parameters_nbytes(full.parameters) >= delta_bytes
     fresh_client = cf.FedKSeedClient(cfg, 1, 2, context=node_context(1, 2))
     _, _, fmetrics = fresh_client.rebuild(parameters_to_ndarrays(full.parameters), full.config)
@@ -155,7 +156,7 @@ def test_fresh_process_uses_node_state_and_lost_state_asks_for_full(
     # deployment: a new process per message, the node's context.state survives
     cf.clear_model_cache()
     (_, ins), = s.configure_fit(3, params, Manager(["0"]))
-    assert ins.config[cf.KEY_BASE] == 1
+    assert ins.config[wf.KEY_BASE] == 1
     client = cf.FedKSeedClient(cfg, 0, 2, context=contexts["0"])
     zm, _, m = client.rebuild(parameters_to_ndarrays(ins.parameters), ins.config)
     for a, p in zip(zm.params, s.zmodel.params):
@@ -173,13 +174,13 @@ def test_fresh_process_uses_node_state_and_lost_state_asks_for_full(
             parameters_to_ndarrays(i.parameters), i.config)
         results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n,
                                       m)))
-    assert results[1][1].metrics[cf.METRIC_NEED_FULL] == 1.0
+    assert results[1][1].metrics[wf.METRIC_NEED_FULL] == 1.0
     assert results[1][1].parameters.tensors == []
     s.aggregate_fit(3, results, [])
     assert s._pending[3]["clients_ok"] == 1 and s._pending[3]["clients_need_full"] == 1
     nxt = {p.cid: i for p, i in s.configure_fit(4, params, manager)}
-    assert nxt["1"].config[cf.KEY_BASE] == 0 and nxt["0"].config[cf.KEY_BASE] == 2
-    assert nxt["0"].config[cf.KEY_VERSION] == 3
+    assert nxt["1"].config[wf.KEY_BASE] == 0 and nxt["0"].config[wf.KEY_BASE] == 2
+    assert nxt["0"].config[wf.KEY_VERSION] == 3
 
 
 def test_evaluate_moves_nodes_to_the_new_version(tiny_model_dir, tiny_classification_file,
@@ -192,14 +193,14 @@ def test_evaluate_moves_nodes_to_the_new_version(tiny_model_dir, tiny_classifica
     params = run_rounds(s, cfg, manager, 1, contexts)
     results = []
     for proxy, ins in s.configure_evaluate(1, params, manager):
-        assert ins.config[cf.KEY_VERSION] == 1
+        assert ins.config[wf.KEY_VERSION] == 1
         loss, n, m = cf.FedKSeedClient(cfg, int(proxy.cid), 2, context=contexts[proxy.cid]) \
             .evaluate(parameters_to_ndarrays(ins.parameters), ins.config)
         assert np.isfinite(loss) and n > 0
         results.append((proxy, EvaluateRes(Status(Code.OK, ""), loss, n, m)))
     s.aggregate_evaluate(1, results, [])
     for _, ins in s.configure_fit(2, params, manager):  # nothing changed since: probs only
-        assert ins.config[cf.KEY_BASE] == 1 and ins.config[cf.KEY_DELTA] == "none"
+        assert ins.config[wf.KEY_BASE] == 1 and ins.config[wf.KEY_DELTA] == "none"
         assert len(ins.parameters.tensors) == 1
 
 
@@ -235,10 +236,10 @@ def test_probability_round_trip_is_close_to_exact():
     rng = np.random.default_rng(0)
     hist = zo.SeedHistory(256, bias_loss_clip=3.0)
     hist.update(rng.integers(0, 256, 500), rng.normal(scale=2.0, size=500))
-    q = cf.encode_probabilities(hist)
+    q = wf.encode_probabilities(hist)
     assert q.dtype == np.uint8 and q.min() == 0 and q.max() == 255
     exact = hist.probabilities()
-    approx = cf.decode_probabilities(q, 256)
+    approx = wf.decode_probabilities(q, 256)
     np.testing.assert_allclose(approx, exact, rtol=np.exp(1 / 255) - 1)
-    assert cf.encode_probabilities(zo.SeedHistory(256)) is None  # uniform: nothing to send
-    np.testing.assert_allclose(cf.decode_probabilities(None, 4), 0.25)
+    assert wf.encode_probabilities(zo.SeedHistory(256)) is None  # uniform: nothing to send
+    np.testing.assert_allclose(wf.decode_probabilities(None, 4), 0.25)

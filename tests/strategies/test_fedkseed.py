@@ -25,6 +25,7 @@ from fatellm_flwr.strategies.fedkseed import (
 )
 from fatellm_flwr.testing import FakeClientManager as Manager
 from fatellm_flwr.testing import FakeProxy as Proxy
+from fatellm_flwr.wire import fedkseed as wf
 
 
 @pytest.fixture(autouse=True)
@@ -103,30 +104,30 @@ def test_download_sends_differences_to_known_nodes_and_full_vector_otherwise():
     k = 4096
     server = SeedServer(k, 1e-3)
     arrays, config = server.download("a", None)
-    assert arrays == [] and config[cf.KEY_DELTA] == "none" and config[cf.KEY_BASE] == 0
+    assert arrays == [] and config[wf.KEY_DELTA] == "none" and config[wf.KEY_BASE] == 0
     server.synced("a", 0)
     server.aggregate([(rng.integers(0, k, 200), rng.normal(size=200), 1)])
     server.synced("a", 1)
     server.aggregate([(rng.integers(0, k, 200), rng.normal(size=200), 1)])
-    probs = cf.encode_probabilities(server.history)
+    probs = wf.encode_probabilities(server.history)
     assert probs.dtype == np.uint8 and probs.shape == (k,)
     arrays, config = server.download("a", probs)  # known at version 1: only round 2's seeds
-    assert config[cf.KEY_BASE] == 1 and config[cf.KEY_VERSION] == 2
-    assert config[cf.KEY_DELTA] == "sparse" and arrays[0].dtype == np.uint16
+    assert config[wf.KEY_BASE] == 1 and config[wf.KEY_VERSION] == 2
+    assert config[wf.KEY_DELTA] == "sparse" and arrays[0].dtype == np.uint16
     assert len(arrays[0]) <= 200 and arrays[-1] is probs
-    coeff_arrays, q = cf.split_download(arrays, config)
-    got = cf.decode_coefficients(coeff_arrays, config[cf.KEY_DELTA], k)
+    coeff_arrays, q = wf.split_download(arrays, config)
+    got = wf.decode_coefficients(coeff_arrays, config[wf.KEY_DELTA], k)
     np.testing.assert_allclose(server._snapshots[1] + got, server.coeffs, rtol=0, atol=1e-12)
     assert q is probs
     full, fconfig = server.download("stranger", None)  # unknown: everything since x0
-    assert fconfig[cf.KEY_BASE] == 0
-    np.testing.assert_allclose(cf.decode_coefficients(full, fconfig[cf.KEY_DELTA], k),
+    assert fconfig[wf.KEY_BASE] == 0
+    np.testing.assert_allclose(wf.decode_coefficients(full, fconfig[wf.KEY_DELTA], k),
                                server.coeffs, rtol=1e-6, atol=1e-12)
     # snapshots are kept only for versions some node holds
     server.forget("a")
     assert set(server._snapshots) == {0, 2}
     # dense when most seeds changed (cheaper than 6 bytes per seed)
-    dense, mode = cf.encode_coefficients(rng.normal(size=k))
+    dense, mode = wf.encode_coefficients(rng.normal(size=k))
     assert mode == "dense" and dense[0].dtype == np.float32 and dense[0].shape == (k,)
 
 
@@ -134,20 +135,20 @@ def test_check_result_rejects_bad_payloads(tiny_model_dir, tiny_classification_f
     cfg = make_cfg(tiny_model_dir("llama"), tiny_classification_file, tmp_path,
                    **{"server-eval": False, "zo-grad-clip": 100.0})
     s = FedKSeedStrategy(cfg, RunDir(tmp_path / "run"))
-    ok = cf.encode_upload([0, 31, 5], [0.5, -2.0, 99.0])
+    ok = wf.encode_upload([0, 31, 5], [0.5, -2.0, 99.0])
     assert s.check_result(ok) is None
-    assert s.check_result(cf.encode_upload([], [])) is None  # every step skipped
+    assert s.check_result(wf.encode_upload([], [])) is None  # every step skipped
     bad = {
         "count": [ok[0]],
         "lengths": [ok[0], ok[1][:2]],
-        "index high": cf.encode_upload([0, 32], [1.0, 1.0]),
-        "index negative": cf.encode_upload([-1], [1.0]),
-        "nan": cf.encode_upload([1, 2], [1.0, np.nan]),
-        "inf": cf.encode_upload([1], [np.inf]),
+        "index high": wf.encode_upload([0, 32], [1.0, 1.0]),
+        "index negative": wf.encode_upload([-1], [1.0]),
+        "nan": wf.encode_upload([1, 2], [1.0, np.nan]),
+        "inf": wf.encode_upload([1], [np.inf]),
         "float indices": [np.array([1.0, 2.0]), np.array([1.0, 2.0], np.float32)],
         "2-D": [np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32)],
-        "too many steps": cf.encode_upload(np.zeros(7, int), np.zeros(7)),
-        "above grad clip": cf.encode_upload([3], [101.0]),
+        "too many steps": wf.encode_upload(np.zeros(7, int), np.zeros(7)),
+        "above grad clip": wf.encode_upload([3], [101.0]),
     }
     for name, arrays in bad.items():
         assert s.check_result(arrays) is not None, name
@@ -203,7 +204,7 @@ def test_checkpoint_resume_and_final_model(tiny_model_dir, tiny_classification_f
         np.testing.assert_array_equal(resumed.server.history.to_arrays()[k], v)
     # after a resume every node gets the full vector once
     ins = resumed.configure_fit(1, resumed.initialize_parameters(manager), manager)
-    assert all(i.config[cf.KEY_BASE] == 0 and i.config[cf.KEY_VERSION] == 2 for _, i in ins)
+    assert all(i.config[wf.KEY_BASE] == 0 and i.config[wf.KEY_VERSION] == 2 for _, i in ins)
     assert all(i.config["server-round"] == 3 for _, i in ins)
 
     # the final model: loadable by transformers, equal to x0 replayed with the saved C
