@@ -37,9 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 # FATELLM_BENCH_RESULTS_DIR: write results elsewhere (the notebooks' tiny CI runs do)
 RESULTS = Path(os.environ.get("FATELLM_BENCH_RESULTS_DIR")
                or Path(__file__).resolve().parent / "results")
-SHARED_BOX_NOTE = ("Measured on a shared 2-core CPU box (other engineers' jobs ran at the same "
-                   "time): absolute timings are noisy; ratios come from side-by-side "
-                   "measurements in one run (see the body for repetitions).")
+TIMING_NOTE = ("Absolute timings depend on the machine and its load; ratios come from "
+               "side-by-side measurements in one run (see the body for repetitions)")
 
 
 # --------------------------------------------------------------------------- config
@@ -291,7 +290,7 @@ def emit(name: str, title: str, body: str, command: str, notes: Sequence[str] = 
     """Print a markdown report and write it (unless ``write`` is false) to
     ``benchmarks/results/<name>.md``; ``summary`` rows go into the README."""
     parts = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine_line()}. "
-             f"{SHARED_BOX_NOTE}", "", body]
+             f"{TIMING_NOTE}{shared_box_note()}.", "", body]
     if notes:
         parts += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     if summary:
