@@ -285,9 +285,12 @@ class Config:
     fedipr_bits: int = _opt(64, "FedIPR: signature bits per client.", low=1)
     fedipr_blocks: int = _opt(2, "FedIPR: last transformer blocks whose normalization scales "
                               "carry the signatures (FATE-LLM: 2).", low=1)
-    fedipr_weight: float = _opt(0.01, "FedIPR: weight alpha of the hinge regulariser "
-                                "alpha * sum relu(margin - b * (E gamma)) (FATE-LLM: 0.01).",
-                                low=0, low_open=True)
+    fedipr_lr: float = _opt(0.0, "FedIPR: learning rate of the AdamW step that minimises the "
+                            "hinge regulariser sum relu(margin - b * (E gamma)) on the carriers "
+                            "after every training step; 0 = lr. (Added to the training loss "
+                            "instead, as FATE-LLM does with weight 0.01, Adam's per-coordinate "
+                            "scaling lets the LM gradient drown it: detection stayed at chance "
+                            "on SmolLM2.)", low=0)
     fedipr_margin: float = _opt(0.05, "FedIPR: hinge margin on the projected carriers (unit-norm "
                                 "projection rows, so in weight units); > 0 keeps the bits "
                                 "stable under aggregation and later fine-tuning.", low=0)

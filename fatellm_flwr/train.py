@@ -73,7 +73,9 @@ def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, st
 
     AdamW with a per-round schedule, gradient accumulation, gradient clipping and an
     optional FedProx proximal term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
-    ``extra_loss(model)``, when given, is added to every step's loss.
+    ``extra_loss(model)`` (FedIPR's regulariser), when given, is minimised by its own AdamW
+    step after every training step (learning rate ``fedipr-lr``, 0 = ``lr``): added to the
+    loss instead, Adam's per-coordinate scaling lets the far larger LM gradient drown it.
     Returns the mean training loss and the number of examples seen.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -84,6 +86,7 @@ def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, st
     model.train()
     losses: list[float] = []
     seen = 0
+    extra_opt: torch.optim.Optimizer | None = None
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for _ in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -95,8 +98,6 @@ def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, st
             if prox_reference is not None and cfg.proximal_mu > 0:
                 prox = sum(((p - r) ** 2).sum() for p, r in zip(params, prox_reference))
                 loss = loss + cfg.proximal_mu / 2 * prox / cfg.grad_accum
-            if extra_loss is not None:
-                loss = loss + extra_loss(model) / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
         if not math.isfinite(step_loss):
@@ -105,6 +106,8 @@ def train_local(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *, st
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if extra_loss is not None:
+            extra_opt = _extra_loss_step(model, extra_loss, cfg, extra_opt)
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
@@ -152,8 +155,9 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
     which voids the DP guarantee.
 
     ``extra_loss(model)`` must not depend on the data: Opacus' per-sample gradients would not
-    see a term on the weights, so it is minimised by a separate AdamW step (learning rate
-    ``lr``) after every DP step — post-processing of the private weights, no privacy cost.
+    see a term on the weights, so it is minimised by a separate AdamW step (as without DP,
+    learning rate ``fedipr-lr``) after every DP step — post-processing of the private
+    weights, no privacy cost.
     """
     import logging
 
@@ -218,14 +222,15 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
 
 def _extra_loss_step(model: nn.Module, extra_loss: ExtraLoss, cfg: Config,
                      optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
-    """One AdamW step on ``extra_loss(model)`` alone, over the parameters it touches
-    (the optimizer is built on the first call and returned for the next ones)."""
+    """One AdamW step (learning rate ``fedipr-lr``, 0 = ``lr``) on ``extra_loss(model)``
+    alone, over the parameters it touches (the optimizer is built on the first call and
+    returned for the next ones)."""
     value = extra_loss(model)
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(value, params, allow_unused=True)
         touched = [p for p, g in zip(params, grads) if g is not None]
-        optimizer = torch.optim.AdamW(touched, lr=cfg.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(touched, lr=cfg.fedipr_lr or cfg.lr, weight_decay=0.0)
         value = extra_loss(model)
     optimizer.zero_grad(set_to_none=True)
     value.backward(inputs=[p for g in optimizer.param_groups for p in g["params"]])

@@ -59,7 +59,7 @@ class HomoClient(NumPyClient):
             secret = node_secret(self.cfg, self.model, self.context, self.partition_id)
             ipr_metrics = detection_metrics(self.model, secret, self.partition_id,
                                             "fedipr_detection_global")
-            extra_loss = regulariser(secret, self.cfg.fedipr_weight, self.cfg.fedipr_margin)
+            extra_loss = regulariser(secret, self.cfg.fedipr_margin)
         if self.cfg.dp_sgd:
             metrics, history = train_local_dp(
                 self.model, self.train, self.cfg, steps=steps,

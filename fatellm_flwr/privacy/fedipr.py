@@ -191,11 +191,15 @@ def model_detection_rate(model: nn.Module, secret: Secret) -> float:
     return detection_rate(carrier_vector(model, secret.carriers).detach(), secret)
 
 
-def regulariser(secret: Secret, weight: float, margin: float = 0.0):
-    """``extra_loss(model)`` for the training loops: ``weight * hinge`` on the model's carriers."""
+def regulariser(secret: Secret, margin: float = 0.0):
+    """``extra_loss(model)`` for the training loops: the hinge on the model's carriers.
+
+    The loops minimise it in its own AdamW step after each training step
+    (:func:`fatellm_flwr.train.train_local`), so no weight against the LM loss is needed.
+    """
 
     def extra_loss(model: nn.Module) -> torch.Tensor:
-        return weight * hinge_loss(carrier_vector(model, secret.carriers), secret, margin)
+        return hinge_loss(carrier_vector(model, secret.carriers), secret, margin)
 
     return extra_loss
 

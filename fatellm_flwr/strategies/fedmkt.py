@@ -31,7 +31,6 @@ top-k payloads travel (``8 k`` bytes per token + lengths and CE), counted in the
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 
 import numpy as np
@@ -153,15 +152,9 @@ class FedMKTStrategy(TrackedStrategy):
 
     # ------------------------------------------------------------------ Flower API
     def configure_fit(self, server_round, parameters, client_manager):
-        self._round_start = time.perf_counter()
-        rnd = self.absolute(server_round)
-        instructions = self.inner.configure_fit(rnd, _EMPTY, client_manager)
-        out = []
-        for proxy, _ in instructions:
-            out.append((proxy, FitIns(_EMPTY, {KEY_SERVER_ROUND: rnd})))
-            self.ledger.add(rnd, str(proxy.cid), down=0)
-        self._instructed[rnd] = {str(p.cid) for p, _ in out}
-        return out
+        # nothing travels down at fit time: the LLM's knowledge goes out with evaluate
+        instructions = super().configure_fit(server_round, _EMPTY, client_manager)
+        return [(proxy, FitIns(_EMPTY, dict(ins.config))) for proxy, ins in instructions]
 
     def aggregate_fit(self, server_round, results, failures):
         rnd = self.absolute(server_round)

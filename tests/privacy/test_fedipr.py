@@ -116,7 +116,7 @@ def test_dp_sgd_keeps_the_watermark_as_post_processing(tiny_model_dir,
     ({"algorithm": "offsite"}, "fedipr=true needs algorithm='homo'"),
     ({"peft-method": "prefix-tuning"}, "fedipr=true needs peft-method"),
     ({"fedipr-bits": 0}, "'fedipr-bits' has value 0"),
-    ({"fedipr-weight": 0.0}, "'fedipr-weight' has value 0.0"),
+    ({"fedipr-lr": -1.0}, "'fedipr-lr' has value -1.0"),
 ])
 def test_bad_fedipr_settings_are_refused(extra, match):
     from fatellm_flwr.config import ConfigError
