@@ -232,6 +232,11 @@ class Config:
                                    low_open=True)
     dp_max_epsilon: float = _opt(0.0, "Stop a client's training once its epsilon would exceed "
                                  "this budget (0 = no budget).", low=0)
+    dp_physical_batch_size: int = _opt(0, "DP-SGD: most records per forward/backward pass "
+                                       "(virtual batching, like Opacus' BatchMemoryManager): "
+                                       "batch-size is then the expected logical (Poisson) "
+                                       "batch, noised and accounted once, while memory is "
+                                       "bounded by this; 0 = the whole batch at once.", low=0)
     dp_accountant: str = _opt("rdp", "Privacy accountant.", ("rdp", "prv"))
     dp_reproducible_noise: bool = _opt(False, "DP-SGD: seed the noise and the Poisson "
                                        "sampler from `seed` (shared by all parties) instead "
@@ -281,10 +286,17 @@ class Config:
     fedipr: bool = _opt(False, "FedIPR (Li et al. 2021): every client embeds its own secret "
                         "signature (OS-random, kept in its node state) in the norm scales of "
                         "the last fedipr-blocks blocks (trained and aggregated with the "
-                        "adapter) and reports its detection rate each round.")
+                        "adapter), or their LoRA products (fedipr-carriers), and reports its "
+                        "detection rate each round.")
+    fedipr_carriers: str = _opt("norm", "FedIPR: the weights that carry the signatures: norm "
+                                "(the norm scales of the last fedipr-blocks blocks, sent as "
+                                "extra trainable tensors) or lora (the LoRA products B*A of "
+                                "those blocks; nothing extra travels; needs peft-method=lora; "
+                                "for models without trainable norm scales, e.g. OLMo).",
+                                ("norm", "lora"))
     fedipr_bits: int = _opt(64, "FedIPR: signature bits per client.", low=1)
     fedipr_blocks: int = _opt(2, "FedIPR: last transformer blocks whose normalization scales "
-                              "carry the signatures (FATE-LLM: 2).", low=1)
+                              "(or LoRA products) carry the signatures (FATE-LLM: 2).", low=1)
     fedipr_lr: float = _opt(0.0, "FedIPR: learning rate of the AdamW step that minimises the "
                             "hinge regulariser sum relu(margin - b * (E gamma)) on the carriers "
                             "after every training step; 0 = lr. (Added to the training loss "
@@ -481,6 +493,10 @@ class Config:
             raise ConfigError(f"fedipr=true needs peft-method 'lora' or 'ia3' (the norm "
                               f"scales are trained next to the adapter), got "
                               f"{self.peft_method!r}")
+        if self.fedipr and self.fedipr_carriers == "lora" and self.peft_method != "lora":
+            raise ConfigError(f"run-config key 'fedipr-carriers' has value 'lora', which needs "
+                              f"peft-method='lora' (got {self.peft_method!r}); allowed with "
+                              f"{self.peft_method!r}: 'norm'")
         if self.fedipr and self.flexlora:
             raise ConfigError("fedipr=true cannot run with FlexLoRA (lora-aggregation=flexlora"
                               " or differing lora-ranks)")

@@ -252,8 +252,9 @@ def _ia3_feedforward(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 def _fedipr_modules(cfg: Config, model: nn.Module) -> list[str] | None:
     """FedIPR's carriers: the norm layers of the last ``fedipr-blocks`` blocks, made trainable
-    (and saved with the adapter) through peft's ``modules_to_save``; None when FedIPR is off."""
-    if not getattr(cfg, "fedipr", False):
+    (and saved with the adapter) through peft's ``modules_to_save``; None when FedIPR is off
+    or the LoRA products carry the signatures (``fedipr-carriers=lora``)."""
+    if not getattr(cfg, "fedipr", False) or getattr(cfg, "fedipr_carriers", "norm") == "lora":
         return None
     from .privacy.fedipr import block_norm_names
 
@@ -330,7 +331,8 @@ def load_peft_model(cfg: Config):
     """
     key = (cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype, cfg.peft_method, cfg.lora_r,
            cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.num_virtual_tokens,
-           cfg.seed, cfg.device, cfg.gradient_checkpointing, cfg.fedipr, cfg.fedipr_blocks)
+           cfg.seed, cfg.device, cfg.gradient_checkpointing, cfg.fedipr, cfg.fedipr_blocks,
+           cfg.fedipr_carriers)
     if key not in _CACHE:
         tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
         base = load_base_model(cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype,

@@ -144,8 +144,9 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
     """Sample-level DP-SGD (Abadi et al. 2016) via Opacus on the trainable parameters.
 
     Poisson-sampled batches of expected size ``batch-size``, per-sample clipping to
-    ``dp-max-grad-norm``, Gaussian noise; AdamW on the privatised gradient. Gradient
-    accumulation and the FedProx term do not apply under DP. The accountant's history
+    ``dp-max-grad-norm``, Gaussian noise; AdamW on the privatised gradient. Large logical
+    batches are processed ``dp-physical-batch-size`` records at a time (virtual batching);
+    ``grad-accum`` and the FedProx term do not apply under DP. The accountant's history
     (``prior_history`` + this round) is returned so the caller can persist it; training
     stops early, with a logged message, once ``dp-max-epsilon`` (or the target epsilon)
     would be exceeded. Returns ``(metrics, history)``.
@@ -183,7 +184,8 @@ def train_local_dp(model: nn.Module, train_ds: datasets.Dataset, cfg: Config, *,
         target_epsilon=cfg.dp_target_epsilon or None, delta=cfg.dp_delta,
         planned_steps=cfg.num_server_rounds * steps, accountant=cfg.dp_accountant,
         max_epsilon=cfg.dp_max_epsilon or None, prior_history=prior_history,
-        noise_generator=noise_gen, sampler_generator=sampler_gen)
+        noise_generator=noise_gen, sampler_generator=sampler_gen,
+        physical_batch_size=cfg.dp_physical_batch_size or None)
     losses: list[float] = []
     stopped = ""
     extra_opt: torch.optim.Optimizer | None = None

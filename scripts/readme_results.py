@@ -42,7 +42,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("**FedKSeed**", ["fedkseed_comm", "fedkseed_replay"]),
     ("**Offsite-tuning** (a=2, b=2, emulator n=6 of the 26 middle blocks)",
      ["offsite", "offsite_quality"]),
-    ("**Deployment**", ["scale", "homo_checkpointing"]),
+    ("**Deployment**", ["scale", "homo_checkpointing", "wire_dtype"]),
     ("**FedIPR and InferDPT**", ["fedipr", "inferdpt"]),
 ]
 

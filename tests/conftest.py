@@ -17,6 +17,49 @@ import pytest  # noqa: E402
 
 from fatellm_flwr.testing import ARCHITECTURES, build_tiny_model  # noqa: E402
 
+# ------------------------------------------------------------------ pytest-xdist (-n 2)
+# Tests sharing an expensive fixture (Flower runs, a running deployment) must run on one
+# worker, or each worker would build the fixture again: nodeid prefix -> group. xdist's
+# own `--dist loadgroup` cannot do it here (xdist 3.8 tags a group by rewriting
+# `item._nodeid`, which pytest 9.2's `nodeid` no longer reads).
+XDIST_GROUPS = {"tests/cli/": "cli_runs", "tests/test_simulation_wire.py::": "cli_runs",
+                "tests/test_deployment.py::": "deployment"}
+SHARED_FIXTURES = {"cli_runs": "cli_runs", "deployment": "deployment"}  # fixture -> group
+# tests that start Flower processes or a notebook kernel: scheduled first under xdist so the
+# hundreds of quick tests even out the two workers' finishing times
+HEAVY_FIXTURES = {"run_flwr", "cli_runs", "deployment", "flwr_app", "execute_notebook"}
+
+
+def xdist_group(nodeid: str) -> str | None:
+    return next((g for prefix, g in XDIST_GROUPS.items() if nodeid.startswith(prefix)), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for fixture in names & SHARED_FIXTURES.keys():
+            assert xdist_group(item.nodeid) == SHARED_FIXTURES[fixture], (
+                f"{item.nodeid} uses {fixture}: add its path to XDIST_GROUPS in conftest.py")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (stable sort)
+        items.sort(key=lambda item: not (
+            HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or "test_notebooks_" in item.nodeid))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (default `--dist load`): xdist's per-scope scheduler with one scope per
+    test, except the XDIST_GROUPS, each sent whole to one worker."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid) or nodeid
+
+    return SharedFixtureScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -88,9 +131,37 @@ def flwr_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def run_flwr(flwr_env):
-    """``run_flwr(run_config: dict, num_supernodes=3)``: `flwr run .` in the simulation
-    engine with 1 CPU per client; returns the captured output, fails on a non-zero exit."""
+def flwr_app(tmp_path_factory) -> Path:
+    """The app exactly as `flwr run .` ships it, unpacked once per session into a folder
+    that `flwr run <folder>` turns into the very same FAB.
+
+    `flwr run .` builds the FAB by walking the whole checkout first (with CI's in-repo
+    .venv and .git, ~90,000 files: 5-10 s of CPU per run) and only then filters it down
+    to ~110 files. Here Flower's own builder builds the repo's FAB once, the folder gets
+    its files, and the check below proves a FAB built from the folder is byte-identical
+    (same sha256, so the same app id/hash the SuperLink installs)."""
+    import hashlib
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    app = tmp_path_factory.mktemp("flwr-app")
+    with zipfile.ZipFile(io.BytesIO(fab)) as z:
+        for name in z.namelist():
+            if not name.startswith(".info/"):  # the builder's manifest, rebuilt each time
+                z.extract(name, app)
+    assert hashlib.sha256(build_fab_from_disk(app)).digest() == hashlib.sha256(fab).digest()
+    return app
+
+
+@pytest.fixture(scope="session")
+def run_flwr(flwr_env, flwr_app):
+    """``run_flwr(run_config: dict, num_supernodes=3)``: `flwr run` of this app (the same
+    FAB as `flwr run .`, see ``flwr_app``) in the simulation engine with 1 CPU per client
+    and 1 CPU for Ray (one ClientApp actor); returns the captured output, fails on a
+    non-zero exit."""
 
     def toml_value(v):
         if isinstance(v, bool):
@@ -101,9 +172,13 @@ def run_flwr(flwr_env):
 
     def run(run_config: dict, num_supernodes: int = 3, timeout: int = 420) -> str:
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(REPO), "--stream",
+        cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(flwr_app), "--stream",
                "--run-config", overrides, "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+               f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
+               # one Ray actor runs every client in turn: each actor costs a process that
+               # imports torch/transformers/peft and loads the model (~10 s of CPU), more
+               # than the tiny clients' training; two runs share the 2 cores under xdist
+               "init-args-num-cpus=1"]
         t0 = time.time()
         proc = subprocess.run(cmd, env=flwr_env, capture_output=True, text=True,
                               timeout=timeout, cwd=REPO)
@@ -135,6 +210,45 @@ def tiny_classification_file(tmp_path_factory):
             f.write(json.dumps({"text": f"{topics[label]} {rng.integers(1000)}",
                                 "label": label}) + "\n")
     return path
+
+
+# Runs produced once per test session (tiny models, Flower simulation) for the CLI tests
+# (tests/cli) and, as the float32 reference, for the wire-dtype test.
+CLI_RUN_COMMON = {"test-size": 15, "max-examples": 0, "partitioner": "iid", "batch-size": 4,
+                  "max-length": 48, "min-fit-clients": 2, "min-available-clients": 2,
+                  "plots": False, "num-server-rounds": 2}
+CLI_RUN_SUPERNODES = CLI_RUN_COMMON["min-available-clients"]
+
+
+@pytest.fixture(scope="session")
+def cli_run_configs(tiny_model_dir, tiny_classification_file, tmp_path_factory):
+    """``{algorithm: run config}`` of the ``cli_runs`` (without output-dir/run-name)."""
+    llama = str(tiny_model_dir("llama"))
+    deep = str(build_tiny_model("llama", tmp_path_factory.mktemp("cli-deep") / "deep-llama",
+                                num_layers=6))
+    configs = {
+        "homo": {"algorithm": "homo", "model": llama, "local-steps": 4, "lr": 5e-3,
+                 "tracker": "tensorboard"},
+        "fedkseed": {"algorithm": "fedkseed", "model": llama, "local-steps": 6,
+                     "zo-lr": 1e-3, "zo-eps": 1e-3, "zo-num-seeds": 64},
+        "offsite": {"algorithm": "offsite", "model": deep, "local-steps": 3, "lr": 5e-3,
+                    "offsite-bottom": 1, "offsite-top": 1, "offsite-emulator-layers": 2},
+    }
+    return {name: {**CLI_RUN_COMMON, **cfg, "dataset": str(tiny_classification_file)}
+            for name, cfg in configs.items()}
+
+
+@pytest.fixture(scope="session")
+def cli_runs(run_flwr, cli_run_configs, tmp_path_factory):
+    """``{algorithm: run folder}``: homo (LoRA, tracker=tensorboard), fedkseed and offsite,
+    each a real `flwr run` of 2 rounds on 2 simulated SuperNodes."""
+    out = tmp_path_factory.mktemp("cli-runs")
+    runs = {}
+    for name, cfg in cli_run_configs.items():
+        run_flwr({**cfg, "output-dir": str(out / "outputs"), "run-name": name},
+                 num_supernodes=CLI_RUN_SUPERNODES)
+        runs[name] = out / "outputs" / name
+    return runs
 
 
 @pytest.fixture(scope="session")

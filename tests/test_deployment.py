@@ -1,10 +1,13 @@
-"""The app on a real Flower deployment over loopback: 1 SuperLink + 2 SuperNodes, 2 rounds.
+"""The app on a real Flower deployment over loopback: 1 SuperLink + 2 SuperNodes, 1-3 rounds.
 
 Unlike the simulation tests, this goes through `flower-superlink` / `flower-supernode`
 processes talking HTTP on 127.0.0.1, a `$FLWR_HOME/config.toml` SuperLink connection and
-`flwr run . <connection> --stream`, with each SuperNode picking its data partition from
-its own ``--node-config``. Every process is stopped by pid in teardown (see
-``tests/flower_procs.py``); logs go to ``tmp_path/logs`` and their tails into failures.
+`flwr run <app> <connection> --stream` (the FAB `flwr run .` builds, see conftest's
+``flwr_app``), with each SuperNode picking its data partition from its own
+``--node-config``. The three loopback tests share one SuperLink + SuperNodes (a module
+fixture); the TLS test starts its own. Every process is stopped by pid in teardown (see
+``tests/flower_procs.py``); logs go to the deployment's ``logs`` folder and their tails
+into failures.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def _write_dataset(path: Path, n: int = 60) -> Path:
     return path
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    """A running SuperLink with two SuperNodes (partitions 0 and 1 of 2); always torn down."""
-    dep = FlowerDeployment(tmp_path, connection="loopback")
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A running SuperLink with two SuperNodes (partitions 0 and 1 of 2), serving every
+    loopback test's run one after the other, as a real deployment serves many runs (Flower
+    keeps each node's state per run); always torn down."""
+    dep = FlowerDeployment(tmp_path_factory.mktemp("loopback"), connection="loopback")
     try:
         dep.start_superlink()
         dep.start_supernodes([f"partition-id={i} num-partitions=2" for i in range(2)])
@@ -66,9 +71,11 @@ def deployment(tmp_path):
         assert not dep.procs.alive(), f"leaked processes: {dep.procs.alive()}"
 
 
-def _run(deployment, tmp_path: Path, extra: dict) -> tuple[Path, list[dict], Callable[[str], str]]:
-    """``flwr run`` (2 rounds unless ``extra`` says otherwise) on the deployment; the checks
-    every algorithm shares; ``(run dir, records, fail)``."""
+def _run(deployment, tmp_path: Path, app: Path,
+         extra: dict) -> tuple[Path, list[dict], Callable[[str], str]]:
+    """``flwr run`` of ``app`` (the repo's FAB, see conftest's ``flwr_app``; 2 rounds unless
+    ``extra`` says otherwise) on the deployment; the checks every algorithm shares;
+    ``(run dir, records, fail)``."""
     data = _write_dataset(tmp_path / "topics.jsonl")
     out = tmp_path / "out"
     run_config = {"dataset": str(data), "test-size": 10,
@@ -79,9 +86,10 @@ def _run(deployment, tmp_path: Path, extra: dict) -> tuple[Path, list[dict], Cal
                   "output-dir": str(out), "run-name": "deploy", **extra}
     overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
 
+    tag = len(deployment.procs.procs)  # process/log names stay unique on a shared deployment
     code, log = deployment.flwr(
-        ["run", ".", deployment.connection, "--stream", "--run-config", overrides],
-        timeout=RUN_TIMEOUT_S, cwd=REPO, name="flwr-run")
+        ["run", str(app), deployment.connection, "--stream", "--run-config", overrides],
+        timeout=RUN_TIMEOUT_S, cwd=REPO, name=f"flwr-run-{tag}")
 
     def fail(msg: str) -> str:
         return f"{msg}\n{deployment.diagnostics(40)}"
@@ -93,7 +101,7 @@ def _run(deployment, tmp_path: Path, extra: dict) -> tuple[Path, list[dict], Cal
 
     # the SuperLink agrees the run is over (with --stream, `flwr run` returns at its end)
     code, ls_log = deployment.flwr(["ls", deployment.connection, "--run-id", m.group(1),
-                                    "--format", "json"], timeout=60, name="flwr-ls")
+                                    "--format", "json"], timeout=60, name=f"flwr-ls-{tag}")
     assert code == 0, fail(f"`flwr ls` exited with {code}")
     runs = json.loads(ls_log[ls_log.index("{"):])["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"], fail(ls_log)
@@ -121,30 +129,30 @@ def _run(deployment, tmp_path: Path, extra: dict) -> tuple[Path, list[dict], Cal
     return run, records, fail
 
 
-def test_homo_on_loopback_deployment(deployment, tmp_path):
+def test_homo_on_loopback_deployment(deployment, flwr_app, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
     from fatellm_flwr.models import load_base_model
-    from fatellm_flwr.testing import build_tiny_model
 
     t0 = time.monotonic()
-    model = build_tiny_model("llama", tmp_path / "tiny-llama")
-    run, _, _ = _run(deployment, tmp_path, {"model": str(model)})
+    model = tiny_model_dir("llama")
+    # one round: every check here (both nodes' updates, ledger, checkpoint, the saved LoRA
+    # adapter) holds per round; fedkseed/offsite below cover later rounds in fresh processes
+    run, _, _ = _run(deployment, tmp_path, flwr_app, {"model": str(model),
+                                                      "num-server-rounds": 1})
     adapted = PeftModel.from_pretrained(load_base_model(str(model)), run / "final")
     assert adapted.peft_config["default"].peft_type.value == "LORA"
     print(f"deployment run: {time.monotonic() - t0:.1f}s after the nodes came up")
 
 
-def test_fedkseed_on_loopback_deployment(deployment, tmp_path):
+def test_fedkseed_on_loopback_deployment(deployment, flwr_app, tiny_model_dir, tmp_path):
     """Each round's ClientApp is a fresh process: the node's Flower state carries the
     coefficient vector it holds, so round 3 gets only round 2's difference (round 2's
     difference from x0 is round 1's update, the whole vector by definition)."""
     from transformers import AutoModelForCausalLM
 
-    from fatellm_flwr.testing import build_tiny_model
-
-    model = build_tiny_model("llama", tmp_path / "tiny-llama")
-    run, records, fail = _run(deployment, tmp_path, {
+    model = tiny_model_dir("llama")
+    run, records, fail = _run(deployment, tmp_path, flwr_app, {
         "model": str(model), "algorithm": "fedkseed", "local-steps": 5, "zo-lr": 1e-3,
         "zo-eps": 1e-3, "zo-num-seeds": 256, "num-server-rounds": 3})
     for r in records[1:]:
@@ -156,7 +164,7 @@ def test_fedkseed_on_loopback_deployment(deployment, tmp_path):
     assert np.isfinite(final(torch.tensor([[4, 5, 6]])).logits.detach().numpy()).all()
 
 
-def test_offsite_on_loopback_deployment(deployment, tmp_path):
+def test_offsite_on_loopback_deployment(deployment, flwr_app, tmp_path):
     """The frozen emulator travels once per node and survives, in the node's Flower state,
     the fresh ClientApp process of the next round."""
     from transformers import AutoModelForCausalLM
@@ -164,7 +172,7 @@ def test_offsite_on_loopback_deployment(deployment, tmp_path):
     from fatellm_flwr.testing import build_tiny_model
 
     model = build_tiny_model("llama", tmp_path / "deep-llama", num_layers=8)
-    run, records, fail = _run(deployment, tmp_path, {
+    run, records, fail = _run(deployment, tmp_path, flwr_app, {
         "model": str(model), "algorithm": "offsite", "offsite-bottom": 2, "offsite-top": 2,
         "offsite-emulator-layers": 2, "lr": 5e-3})
     r0, r1, r2 = records
@@ -188,7 +196,8 @@ def _org_file(path: Path, labels: list[str], n: int, tag: str) -> Path:
     return path
 
 
-def test_tls_authenticated_deployment_with_each_orgs_own_data(tmp_path):
+def test_tls_authenticated_deployment_with_each_orgs_own_data(flwr_app, tiny_model_dir,
+                                                             tmp_path):
     """TLS on every API, SuperNode authentication with keys registered through `flwr
     supernode register`, each SuperNode reading only its own file (own column names), the
     server evaluating on its own set and never given the clients' files; an unregistered
@@ -196,8 +205,6 @@ def test_tls_authenticated_deployment_with_each_orgs_own_data(tmp_path):
     import socket
     import ssl
     import subprocess
-
-    from fatellm_flwr.testing import build_tiny_model
 
     certs = tmp_path / "certs"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_certs.py"), "--out",
@@ -230,11 +237,12 @@ def test_tls_authenticated_deployment_with_each_orgs_own_data(tmp_path):
         dep.start_supernodes(node_cfgs, keys=[certs / "org-a", certs / "org-b"])
         assert set(dep.node_ids().values()) == set(ids)
 
-        model = build_tiny_model("llama", tmp_path / "tiny-llama")
-        run, records, fail = _run(dep, tmp_path, {
+        model = tiny_model_dir("llama")
+        run, records, fail = _run(dep, tmp_path, flwr_app, {
             "model": str(model), "dataset": str(tmp_path / "the-server-has-no-such-file.jsonl"),
             "server-eval-dataset": str(server_eval), "labels": "business,sport,tech",
-            "fraction-evaluate": 1.0, "val-fraction": 0.2})
+            "fraction-evaluate": 1.0, "val-fraction": 0.2,
+            "num-server-rounds": 1})  # TLS, auth and each org's data: all per round
         for r in records[1:]:
             assert math.isfinite(r["eval_loss"]), fail(f"client evaluation missing: {r}")
         assert not (tmp_path / "the-server-has-no-such-file.jsonl").exists()

@@ -1,5 +1,8 @@
 """`wire-dtype=float16` end to end: the same homo run with float32 and float16 on the wire;
-bytes down and up per client halve (up to .npy headers), the run trains and evaluates."""
+bytes down and up per client halve (up to .npy headers), the run trains and evaluates.
+
+The float32 run is the session's CLI homo run (``cli_runs``, float32 by default); the
+float16 run repeats its exact config with only ``wire-dtype`` changed."""
 
 import json
 
@@ -9,18 +12,16 @@ from safetensors.numpy import load_file
 
 
 @pytest.mark.parametrize("algorithm", ["homo"])
-def test_float16_wire_halves_bytes_both_ways(run_flwr, tiny_model_dir,
-                                             tiny_classification_file, tmp_path, algorithm):
+def test_float16_wire_halves_bytes_both_ways(run_flwr, cli_runs, cli_run_configs, tmp_path,
+                                             algorithm):
     out = tmp_path / "out"
-    records = {}
-    for wire in ("float32", "float16"):
-        run_flwr({"model": str(tiny_model_dir("llama")), "dataset": str(tiny_classification_file),
-                  "test-size": 15, "max-examples": 0, "num-server-rounds": 2, "local-steps": 2,
-                  "batch-size": 4, "lr": 5e-3, "max-length": 48, "partitioner": "iid",
-                  "min-fit-clients": 2, "min-available-clients": 2, "fraction-evaluate": 0.0,
-                  "plots": False, "algorithm": algorithm, "wire-dtype": wire,
-                  "output-dir": str(out), "run-name": wire}, num_supernodes=2)
-        records[wire] = json.loads((out / wire / "metrics.json").read_text())
+    cfg = cli_run_configs[algorithm]
+    assert cfg["algorithm"] == algorithm and cfg.get("wire-dtype", "float32") == "float32"
+    run_flwr({**cfg, "wire-dtype": "float16", "output-dir": str(out), "run-name": "float16"},
+             num_supernodes=cfg["min-available-clients"])  # as many as cli_runs had
+    records = {"float32": json.loads((cli_runs[algorithm] / "metrics.json").read_text()),
+               "float16": json.loads((out / "float16" / "metrics.json").read_text())}
+    assert len(records["float16"]) == len(records["float32"]) == 3  # rounds 0, 1, 2
     for r32, r16 in zip(records["float32"][1:], records["float16"][1:]):
         assert r16["clients_ok"] == 2 and r16["clients_failed"] == 0, r16
         for key in ("bytes_down_per_client", "bytes_up_per_client"):

@@ -399,6 +399,7 @@ class DPSession:
     prior_history: list[HistoryEntry] = field(default_factory=list)
     frozen_modules: list[str] = field(default_factory=list)
     step_limit: int | None = None
+    physical_batch_size: int | None = None
 
     @property
     def accountant(self) -> IAccountant:
@@ -458,6 +459,12 @@ class DPSession:
         ``loss_fn(model, batch)`` must return one loss per record (shape ``[batch]``); the
         mean over the batch is back-propagated (Opacus ``loss_reduction="mean"``).
         Raises :class:`PrivacyBudgetExhausted` before a step that would exceed ``max_epsilon``.
+
+        With ``physical_batch_size``, a larger (Poisson) batch is processed in chunks of at
+        most that many records (virtual batching, as Opacus' ``BatchMemoryManager``): each
+        chunk's per-sample gradients are clipped and summed, and noise, scaling and the
+        accountant's step happen once for the whole batch, so the update and the epsilon are
+        those of the logical batch while memory is bounded by the chunk.
         """
         if is_empty_batch(batch):
             self.noise_only_step()
@@ -466,7 +473,23 @@ class DPSession:
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         n = batch_size_of(batch)
+        chunk = self.physical_batch_size or n
         self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for start in range(0, n, chunk):
+            part = {k: v[start:start + chunk] if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()}
+            last = start + chunk >= n
+            total += self._backward(part, loss_fn) * batch_size_of(part)
+            if not last:  # clip and sum this chunk; noise + update after the last one
+                self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return total / n
+
+    def _backward(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> float:
+        """Forward and backward of one (physical) batch; per-sample gradients checked."""
+        n = batch_size_of(batch)
         losses = loss_fn(self.model, batch)
         if losses.shape != (n,):
             raise ValueError(
@@ -488,8 +511,6 @@ class DPSession:
                 f"{' ...' if len(bad) > 5 else ''}: this parameter is not used per record, "
                 "so DP-SGD cannot bound its sensitivity; freeze it"
             )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def batches(self) -> Iterator[Any]:
@@ -545,6 +566,7 @@ def attach_dp_sgd(
     prior_history: Iterable[Sequence[float]] = (),
     noise_generator: torch.Generator | None = None,
     sampler_generator: torch.Generator | None = None,
+    physical_batch_size: int | None = None,
 ) -> DPSession:
     """Make ``model``'s trainable parameters train with DP-SGD (Abadi et al. 2016) via Opacus.
 
@@ -561,6 +583,9 @@ def attach_dp_sgd(
     :func:`os_random_generator`, so neither depends on ``torch.manual_seed`` or any shared
     seed. Passing seeded generators makes the run reproducible and voids the DP guarantee
     against anyone who knows the seeds.
+
+    ``physical_batch_size`` bounds the records per forward/backward pass (see
+    :meth:`DPSession.step`): the loader's batch size is then the expected logical batch.
 
     Trainable modules Opacus cannot handle are frozen with a warning
     (:func:`freeze_unsupported_modules`); Opacus' optimizer skips parameters that do not
@@ -597,6 +622,12 @@ def attach_dp_sgd(
         raise ValueError(f"planned_steps={planned_steps!r} is invalid: must be an integer >= 1")
     if max_epsilon is not None:
         _check_positive("max_epsilon", max_epsilon)
+    if physical_batch_size is not None and (
+        int(physical_batch_size) != physical_batch_size or physical_batch_size < 1
+    ):
+        raise ValueError(
+            f"physical_batch_size={physical_batch_size!r} is invalid: must be an integer >= 1"
+        )
     history = merge_history(prior_history)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty: DP-SGD needs at least one record")
@@ -664,4 +695,5 @@ def attach_dp_sgd(
         prior_history=history,
         frozen_modules=frozen,
         step_limit=step_limit,
+        physical_batch_size=None if physical_batch_size is None else int(physical_batch_size),
     )

@@ -81,3 +81,22 @@ def test_reproducible_noise_key_makes_runs_identical(tiny_model_dir, tiny_classi
     assert any(not np.array_equal(x, p) for x, p in zip(a, params))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_physical_batch_size_gives_the_same_round_as_whole_batches(tiny_model_dir,
+                                                                   tiny_classification_file):
+    """dp-physical-batch-size only bounds memory: with the same (reproducible) noise and
+    Poisson batches, a round in chunks of 1 record equals the round on whole batches."""
+    kw = {"dp-noise-multiplier": 1.0, "dp-reproducible-noise": True, "batch-size": 6}
+    model, data = tiny_model_dir("llama"), tiny_classification_file
+    whole = HomoClient(_cfg(model, data, **kw), partition_id=0, num_partitions=2,
+                       context=_ctx())
+    params = whole.get_parameters({})  # the process caches the model: fix the start point
+    new_whole = whole.fit(params, {"server-round": 1})[0]
+    chunked = HomoClient(_cfg(model, data, **kw, **{"dp-physical-batch-size": 1}),
+                         partition_id=0, num_partitions=2, context=_ctx())
+    new_chunked, _, m = chunked.fit(params, {"server-round": 1})
+    assert m["dp_steps"] > 0
+    assert any(not np.array_equal(x, p) for x, p in zip(new_whole, params))
+    for x, y in zip(new_chunked, new_whole):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)

@@ -356,3 +356,45 @@ def test_prompt_tuning_has_no_per_sample_gradients_and_is_refused(tiny_model_dir
     model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ValueError, match=r"no trainable parameters left.*prompt_encoder"):
         _attach(model, _ids(8), 4, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("physical", [1, 3])
+def test_physical_batches_give_the_logical_batch_update_and_one_accounting_step(
+    tiny_model_dir, physical
+):
+    """Virtual batching: chunks of `physical` records, clipped per record and summed, give the
+    same update as the whole batch at once (noise 0), and the accountant sees one step."""
+    whole, chunked = _lora(tiny_model_dir("llama")), _lora(tiny_model_dir("llama"))
+    ids = _ids(14)
+    kw = dict(lr=1e4, noise_multiplier=0.0, max_grad_norm=1e-3)
+    a = _attach(whole, ids, 7, **kw)
+    b = _attach(chunked, ids, 7, physical_batch_size=physical, **kw)
+    batch = {"input_ids": ids[:7], "attention_mask": torch.ones_like(ids[:7])}
+    before = _flat(_trainable(whole).values())
+    loss_a, loss_b = a.step(batch), b.step(batch)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    update_a = before - _flat(_trainable(whole).values())
+    update_b = before - _flat(_trainable(chunked).values())
+    assert update_a.norm() > 0
+    torch.testing.assert_close(update_b, update_a, rtol=1e-4, atol=1e-6)
+    assert a.steps == b.steps == 1
+    assert b.history_entry() == a.history_entry()  # same (noise, sample rate, steps)
+    # the next logical batch starts from a clean sum (no leftover chunk gradients)
+    a.step(batch), b.step(batch)
+    torch.testing.assert_close(_flat(_trainable(chunked).values()),
+                               _flat(_trainable(whole).values()), rtol=1e-4, atol=1e-6)
+    assert b.steps == 2
+
+
+def test_physical_batch_noise_is_added_once_per_logical_batch(tiny_model_dir):
+    """With a zero clip-sum (huge noise vs. a tiny bound) the update's spread is that of one
+    noise draw over the logical batch: std = noise * bound / expected batch size."""
+    model = _lora(tiny_model_dir("llama"))
+    ids = _ids(16)
+    session = _attach(model, ids, 8, lr=1.0, noise_multiplier=1.0, max_grad_norm=1e-6,
+                      physical_batch_size=2)
+    before = _flat(_trainable(model).values())
+    session.step({"input_ids": ids[:8], "attention_mask": torch.ones_like(ids[:8])})
+    update = before - _flat(_trainable(model).values())
+    # 4 chunks noised separately would give 4x the variance (2x the std)
+    assert update.std().item() == pytest.approx(1.0 * 1e-6 / 8, rel=0.1)
