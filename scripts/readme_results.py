@@ -44,7 +44,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
      ["offsite", "offsite_quality"]),
     ("**Deployment**", ["scale", "homo_checkpointing", "wire_dtype"]),
     ("**FedIPR and InferDPT**", ["fedipr", "inferdpt"]),
-    ("**Heterogeneous federation**", ["flexlora"]),
+    ("**Heterogeneous federation**", ["fedmkt", "flexlora"]),
 ]
 
 
