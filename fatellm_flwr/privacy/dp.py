@@ -77,6 +77,11 @@ def _check_positive(key: str, value: float) -> None:
         raise ValueError(f"{key}={value!r} is invalid: must be a finite number > 0")
 
 
+def _check_count(key: str, value: Any) -> None:
+    if value is not None and (int(value) != value or value < 1):
+        raise ValueError(f"{key}={value!r} is invalid: must be an integer >= 1")
+
+
 def _check_delta(delta: float) -> None:
     if not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise ValueError(f"delta={delta!r} is invalid: must satisfy 0 < delta < 1")
@@ -618,16 +623,10 @@ def attach_dp_sgd(
         _check_positive("target_epsilon", target_epsilon)
         if planned_steps is None:
             raise ValueError("planned_steps is required with target_epsilon")
-    if planned_steps is not None and (int(planned_steps) != planned_steps or planned_steps < 1):
-        raise ValueError(f"planned_steps={planned_steps!r} is invalid: must be an integer >= 1")
+    _check_count("planned_steps", planned_steps)
     if max_epsilon is not None:
         _check_positive("max_epsilon", max_epsilon)
-    if physical_batch_size is not None and (
-        int(physical_batch_size) != physical_batch_size or physical_batch_size < 1
-    ):
-        raise ValueError(
-            f"physical_batch_size={physical_batch_size!r} is invalid: must be an integer >= 1"
-        )
+    _check_count("physical_batch_size", physical_batch_size)
     history = merge_history(prior_history)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty: DP-SGD needs at least one record")
