@@ -42,11 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model ref, or 'tiny' for a tiny random Llama (quick check only)")
     p.add_argument("--modes", default="none,8bit,4bit",
                    help="comma-separated quantizations (none = fp32)")
-    p.add_argument("--repeats", type=int, default=2, help="fresh processes per mode (load)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (load)")
     p.add_argument("--no-train", action="store_true", help="skip the LoRA training rows")
     p.add_argument("--train-modes", default="none,8bit,4bit",
                    help="quantizations for the LoRA training rows")
-    p.add_argument("--train-repeats", type=int, default=1, help="fresh processes per mode "
+    p.add_argument("--train-repeats", type=int, default=3, help="fresh processes per mode "
                    "(train)")
     p.add_argument("--steps", type=int, default=4,
                    help="LoRA optimizer steps per training process (first is warm-up)")
@@ -229,6 +229,11 @@ def main() -> None:
          "peak RSS after 1 forward, ru_maxrss (MB)", "peak vs fp32", "load (s)"], rows)
 
     train_table = ""
+    summary = [("base-model weights fp32 / 8-bit / 4-bit (get_memory_footprint, CPU)",
+                " / ".join(f"{med[m]['footprint_mb']:.0f}" for m in modes) + " MB ("
+                + ", ".join(f"{med[m]['footprint_mb'] / ref['footprint_mb']:.2f}x"
+                            for m in modes if ref and m != "none") + "; the weights' bytes, "
+                "the same in every repetition)")] if ref else []
     if not args.no_train:
         tmodes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
         train: dict[str, list[dict]] = {m: [] for m in tmodes}
@@ -258,6 +263,18 @@ def main() -> None:
             ["LoRA r=8 training", "trainable params", "RSS before training (MB)",
              "peak RSS during training (MB)", "peak vs fp32", "process peak ru_maxrss (MB)",
              "s/step (median)", "s/step vs fp32"], trows)
+        if tref:  # per repetition: mode m's process against the fp32 process of that rep
+            spreads = {m: [r["peak_train_mb"] / f["peak_train_mb"]
+                           for r, f in zip(train[m], tref)] for m in tmodes if m != "none"}
+            train_table += "\n\nPeak RSS during training vs fp32, per repetition: " + \
+                "; ".join(f"{LABEL[m]} {C.fmt_spread(v)}" for m, v in spreads.items()) + "."
+            summary.append((
+                "LoRA training peak RSS fp32 / 8-bit / 4-bit (CPU)",
+                " / ".join(f"{C.median([r['peak_train_mb'] for r in train[m]]) / 1024:.1f}"
+                           for m in tmodes) + " GB; vs fp32 per repetition: "
+                + "; ".join(f"{m} {C.fmt_spread(v)}" for m, v in spreads.items())
+                + f". On CPU activations dominate, so quantization saves weights, not "
+                f"training peak; load {C.load_avg()}"))
     body = (f"Model `{args.model}`, CPU, {args.threads} torch threads per child, each row a "
             f"fresh subprocess; medians of {args.repeats} interleaved load repetitions"
             + ("" if args.no_train else
@@ -291,7 +308,7 @@ def main() -> None:
         f"Took {time.perf_counter() - t_start:.0f}s.",
     ]
     C.emit("homo_memory", "Base-model memory: fp32 vs 8-bit vs 4-bit (nf4), CPU", body,
-           C.command_line(), notes)
+           C.command_line(), notes, summary=summary)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="steps per memory process / per "
                    "configuration in the timing process (the first is a warm-up)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="memory: fresh processes per configuration, interleaved")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=8)
@@ -336,36 +338,59 @@ def main() -> None:
                   f"({info['full_params'] / info['emulator_params']:.2f}x smaller).")
     print(split_line, flush=True)
     sections.append(split_line)
-    mem: dict[str, dict] = {}
+    mem: dict[str, list[dict]] = {n: [] for n in CONFIGS}
+    summary: list[tuple[str, str]] = []
     if "memory" in parts:
-        for name in CONFIGS:
-            mem[name] = spawn(args, f"memory:{name}", work)
-            print(f"[memory] {name}: peak {mem[name]['peak_mb']:.0f} MB", flush=True)
-        ref = mem["full-all"]
-        rows = []
-        for name in CONFIGS:
-            m = mem[name]
-            added = m["peak_mb"] - m["rss_baseline_mb"]
-            ref_added = ref["peak_mb"] - ref["rss_baseline_mb"]
-            rows.append([LABEL[name], m["params"], m["trainable"], round(m["peak_mb"]),
-                         round(added), f"{ref['peak_mb'] / m['peak_mb']:.2f}x",
-                         f"{ref_added / added:.2f}x"])
+        for rep in range(args.repeats):  # A, B, C, D, A, B, ...: drift hits all alike
+            for name in CONFIGS:
+                mem[name].append(spawn(args, f"memory:{name}", work))
+                print(f"[memory] rep {rep} {name}: peak {mem[name][-1]['peak_mb']:.0f} MB",
+                      flush=True)
+        peak = {n: [m["peak_mb"] for m in mem[n]] for n in CONFIGS}
+        added = {n: [m["peak_mb"] - m["rss_baseline_mb"] for m in mem[n]] for n in CONFIGS}
+        ratio = {n: [f / t for f, t in zip(peak["full-all"], peak[n])] for n in CONFIGS}
+        ratio_added = {n: [f / t for f, t in zip(added["full-all"], added[n])]
+                       for n in CONFIGS}
+        rows = [[LABEL[n], mem[n][0]["params"], mem[n][0]["trainable"],
+                 C.fmt_spread(peak[n], 4), C.fmt_spread(added[n], 4),
+                 C.fmt_spread(ratio[n]), C.fmt_spread(ratio_added[n])] for n in CONFIGS]
         sections.append(
-            f"Peak memory, one fresh process per row (batch {args.batch_size} x max length "
-            f"{args.max_length}, {args.steps} AdamW steps, {args.threads} threads):\n\n"
+            f"Peak memory, one fresh process per row and repetition ({args.repeats} "
+            f"interleaved repetitions; batch {args.batch_size} x max length "
+            f"{args.max_length}, {args.steps} AdamW steps, {args.threads} threads); "
+            "median (min, max) over the repetitions, ratios per repetition:\n\n"
             + C.markdown_table(["configuration", "params in process", "trainable",
                                 "peak RSS ru_maxrss (MB)", "peak minus imports (MB)",
                                 "full FT / this (peak)", "full FT / this (added)"], rows))
+        summary.append((
+            "Offsite client peak memory vs full fine-tuning (emulator + adapters)",
+            f"**{C.median(ratio['emulator']):.2f}x** less peak RSS "
+            f"({C.fmt_spread(ratio['emulator'])}; "
+            f"{C.median(peak['emulator']) / 1024:.2f} vs "
+            f"{C.median(peak['full-all']) / 1024:.2f} GB); LoRA adapters "
+            f"{C.fmt_spread(ratio['emulator-lora'])} (paper: 5.6x on GPU); load "
+            f"{C.load_avg()}"))
     if "time" in parts:
         t = spawn(args, "time", work)["step_s"]
         med = {n: C.median(v) for n, v in t.items()}
-        rows = [[LABEL[n], round(med[n], 3), f"{med['full-all'] / med[n]:.2f}x",
-                 f"{med['full-adapters'] / med[n]:.2f}x", len(t[n])] for n in CONFIGS]
+        per_step = {n: [f / x for f, x in zip(t["full-all"], t[n])] for n in CONFIGS}
+        rows = [[LABEL[n], C.fmt_spread(t[n], 4, " s"), f"{med['full-all'] / med[n]:.2f}x",
+                 C.fmt_spread(per_step[n]), f"{med['full-adapters'] / med[n]:.2f}x",
+                 len(t[n])] for n in CONFIGS]
         sections.append(
             "Step time, one process, configurations interleaved step by step on the same "
-            "batch (first step of each excluded):\n\n"
-            + C.markdown_table(["configuration", "s/step (median)", "full FT / this",
-                                "full-model adapters / this", "steps"], rows))
+            "batch, each step a repetition (first step of each excluded):\n\n"
+            + C.markdown_table(["configuration", "s/step", "full FT / this (medians)",
+                                "full FT / this, per step", "full-model adapters / this",
+                                "steps"], rows))
+        summary.insert(0, (
+            "Offsite client step time vs full fine-tuning (emulator + adapters)",
+            f"**{med['full-all'] / med['emulator']:.2f}x** faster (per step "
+            f"{C.fmt_spread(per_step['emulator'])}; {med['emulator']:.2f} s vs "
+            f"{med['full-all']:.2f} s); "
+            f"{med['full-adapters'] / med['emulator']:.2f}x vs the same adapters in the full "
+            f"model; LoRA on the adapters {C.fmt_spread(per_step['emulator-lora'])} (paper: "
+            f"6.5x on GPU); load {C.load_avg()}"))
     if "quality" in parts:
         out_dir = work / "runs"
         records, wall = quality_run(args, "offsite", out_dir, distill=False)
@@ -398,7 +423,7 @@ def main() -> None:
         f"Took {time.perf_counter() - t_start:.0f}s.",
     ]
     C.emit(args.name, "Offsite-tuning: emulator vs full model, bytes, quality",
-           "\n\n".join(sections), C.command_line(), notes)
+           "\n\n".join(sections), C.command_line(), notes, summary=summary)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class Config:
     target_modules: str = _opt("", "Comma-separated module names to adapt; empty = all linear "
                                "layers of the transformer blocks, found from the model.")
     num_virtual_tokens: int = _opt(8, "Virtual tokens for prompt/prefix tuning.", low=1)
+    peft_last_layers: int = _opt(0, "LoRA: adapt only the last N decoder blocks (0 = "
+                                 "all). Fewer parameters travel and get DP noise, and the "
+                                 "backward pass stops at the first adapted block.", low=0)
     # --- data
     dataset: str = _opt("builtin:bbc-news", "`builtin:<name>`, a local json/jsonl/csv/parquet "
                         "file, or a `datasets` hub name.")
@@ -489,6 +492,11 @@ class Config:
         """FedIPR and InferDPT combinations that cannot run."""
         if self.fedipr and self.algorithm != "homo":
             raise ConfigError(f"fedipr=true needs algorithm='homo', got {self.algorithm!r}")
+        if self.peft_last_layers and self.peft_method != "lora":
+            raise ConfigError(f"peft-last-layers={self.peft_last_layers} applies to "
+                              f"peft-method 'lora' only, not {self.peft_method!r} (peft's "
+                              "IA3 and soft prompts have no per-layer selection); set "
+                              "peft-last-layers=0")
         if self.fedipr and self.peft_method not in ("lora", "ia3"):
             raise ConfigError(f"fedipr=true needs peft-method 'lora' or 'ia3' (the norm "
                               f"scales are trained next to the adapter), got "

@@ -261,6 +261,22 @@ def _fedipr_modules(cfg: Config, model: nn.Module) -> list[str] | None:
     return block_norm_names(model, cfg.fedipr_blocks)
 
 
+def _last_layers(cfg: Config, model: nn.Module) -> dict:
+    """peft's ``layers_to_transform``/``layers_pattern`` for ``peft-last-layers`` (the block
+    list found generically, as offsite-tuning finds it), or nothing when it is 0."""
+    if not cfg.peft_last_layers:
+        return {}
+    from .emulator import blocks_prefix, decoder_blocks
+
+    depth = len(decoder_blocks(model))
+    if cfg.peft_last_layers > depth:
+        raise ValueError(f"peft-last-layers={cfg.peft_last_layers} exceeds the "
+                         f"{depth} decoder blocks of {type(model).__name__}; allowed: 0 "
+                         f"(all) to {depth}")
+    return {"layers_to_transform": list(range(depth - cfg.peft_last_layers, depth)),
+            "layers_pattern": blocks_prefix(model).rsplit(".", 1)[-1]}
+
+
 def build_peft_config(cfg: Config, model: nn.Module):
     """The peft ``*Config`` for ``cfg.peft_method``, with targets found from the model."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
@@ -278,7 +294,8 @@ def build_peft_config(cfg: Config, model: nn.Module):
             return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r,
                               lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-                              modules_to_save=_fedipr_modules(cfg, model))
+                              modules_to_save=_fedipr_modules(cfg, model),
+                              **_last_layers(cfg, model))
         ff = _ia3_feedforward(model, targets)
         # peft wants the feed-forward names among the targets (`mlp.c_proj` matches no module
         # that `c_proj` does not)
@@ -332,7 +349,7 @@ def load_peft_model(cfg: Config):
     key = (cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype, cfg.peft_method, cfg.lora_r,
            cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.num_virtual_tokens,
            cfg.seed, cfg.device, cfg.gradient_checkpointing, cfg.fedipr, cfg.fedipr_blocks,
-           cfg.fedipr_carriers)
+           cfg.fedipr_carriers, cfg.peft_last_layers)
     if key not in _CACHE:
         tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
         base = load_base_model(cfg.model, cfg.gguf_file, cfg.quantization, cfg.dtype,

@@ -38,7 +38,7 @@ INTRO = ("All on SmolLM2-135M-Instruct (134.5M parameters, 30 blocks) unless a r
 # (heading, results files in order); other results files with a summary follow, by name
 SECTIONS: list[tuple[str, list[str]]] = [
     ("**FedHomoLLM**", ["homo_comm", "homo_overhead", "homo_memory", "homo_quality"]),
-    ("**Privacy**", ["privacy_dp_step", "privacy_secagg", "privacy_utility"]),
+    ("**Privacy**", ["privacy_dp_step", "privacy_secagg", "privacy_utility", "dp_settings"]),
     ("**FedKSeed**", ["fedkseed_comm", "fedkseed_replay"]),
     ("**Offsite-tuning** (a=2, b=2, emulator n=6 of the 26 middle blocks)",
      ["offsite", "offsite_quality"]),

@@ -240,3 +240,39 @@ def test_8bit_lora_trains_one_round_on_cpu(tiny_model_dir, tiny_classification_f
     new, _, metrics = client.fit(start, {"server-round": 1})
     assert np.isfinite(metrics["train_loss"]) and train_loss() < loss0
     clear_model_cache()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_peft_last_layers_adapts_only_the_last_blocks(tiny_model_dir, arch):
+    from fatellm_flwr.emulator import blocks_prefix, decoder_blocks
+
+    path = str(tiny_model_dir(arch))
+    full = wrap_peft(load_base_model(path), Config(model=path))
+    last = wrap_peft(load_base_model(path), Config(model=path, peft_last_layers=1))
+    depth, prefix = len(decoder_blocks(last)), blocks_prefix(last)
+    names = trainable_names(last)
+    assert names and all(f"{prefix}.{depth - 1}." in n for n in names), names
+    assert len(names) * depth == len(trainable_names(full))
+    # the blocks below the adapters run without autograd: nothing there needs a gradient
+    tok = load_tokenizer(path)
+    seen = []
+    hook = decoder_blocks(last)[0].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).requires_grad))
+    last.train()
+    last(**_batch(tok)).loss.backward()
+    hook.remove()
+    assert seen == [False]
+
+
+def test_peft_last_layers_out_of_range_is_named(tiny_model_dir):
+    from fatellm_flwr.config import ConfigError
+
+    path = str(tiny_model_dir("llama"))
+    depth = load_base_model(path).config.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"peft-last-layers={depth + 1} exceeds the {depth} "
+                                         rf"decoder blocks.*0 \(all\) to {depth}"):
+        wrap_peft(load_base_model(path), Config(model=path, peft_last_layers=depth + 1))
+    for method in ("ia3", "prompt-tuning"):
+        with pytest.raises(ConfigError, match=f"peft-last-layers=2 applies to peft-method "
+                                              f"'lora' only, not '{method}'"):
+            Config.from_run_config({"peft-method": method, "peft-last-layers": 2})
