@@ -455,6 +455,16 @@ class Config:
                 f"min-fit-clients={self.min_fit_clients}; it must be >= min-fit-clients")
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ConfigError("local-steps=0 and local-epochs=0: set one of them > 0")
+        if self.peft_last_layers and self.peft_method != "lora":
+            raise ConfigError(f"peft-last-layers={self.peft_last_layers} applies to "
+                              f"peft-method 'lora' only, not {self.peft_method!r} (peft's "
+                              "IA3 and soft prompts have no per-layer selection); set "
+                              "peft-last-layers=0")
+        if self.peft_last_layers and self.algorithm in ("offsite", "fedkseed"):
+            raise ConfigError(f"peft-last-layers={self.peft_last_layers} does not apply to "
+                              f"algorithm={self.algorithm!r} (offsite tunes the emulator's "
+                              "offsite-bottom/offsite-top blocks, fedkseed all weights); set "
+                              "peft-last-layers=0")
         if self.aggregator == "fedprox" and self.proximal_mu == 0:
             raise ConfigError("aggregator='fedprox' needs proximal-mu > 0 (got 0)")
         if self.dp_sgd and (self.dp_noise_multiplier > 0) == (self.dp_target_epsilon > 0):
@@ -492,11 +502,6 @@ class Config:
         """FedIPR and InferDPT combinations that cannot run."""
         if self.fedipr and self.algorithm != "homo":
             raise ConfigError(f"fedipr=true needs algorithm='homo', got {self.algorithm!r}")
-        if self.peft_last_layers and self.peft_method != "lora":
-            raise ConfigError(f"peft-last-layers={self.peft_last_layers} applies to "
-                              f"peft-method 'lora' only, not {self.peft_method!r} (peft's "
-                              "IA3 and soft prompts have no per-layer selection); set "
-                              "peft-last-layers=0")
         if self.fedipr and self.peft_method not in ("lora", "ia3"):
             raise ConfigError(f"fedipr=true needs peft-method 'lora' or 'ia3' (the norm "
                               f"scales are trained next to the adapter), got "

@@ -276,3 +276,7 @@ def test_peft_last_layers_out_of_range_is_named(tiny_model_dir):
         with pytest.raises(ConfigError, match=f"peft-last-layers=2 applies to peft-method "
                                               f"'lora' only, not '{method}'"):
             Config.from_run_config({"peft-method": method, "peft-last-layers": 2})
+    for algorithm in ("offsite", "fedkseed"):
+        with pytest.raises(ConfigError, match=f"peft-last-layers=2 does not apply to "
+                                              f"algorithm='{algorithm}'"):
+            Config.from_run_config({"algorithm": algorithm, "peft-last-layers": 2})
