@@ -97,8 +97,7 @@ def base_config(args, model: str) -> dict:
 def _extra(pairs: list[str]) -> dict:
     import tomllib
 
-    return {k: v for pair in pairs for k, v in tomllib.loads(
-        pair.split("=", 1)[0] + "=" + pair.split("=", 1)[1]).items()}
+    return tomllib.loads("\n".join(pairs))
 
 
 def arm_config(name: str, args, model: str) -> tuple[dict, int]:
@@ -112,9 +111,9 @@ def arm_config(name: str, args, model: str) -> tuple[dict, int]:
     if name == "client-dp":
         n = args.client_dp_clients
         per_round = max(2, round(args.client_dp_fraction * n))
-        # local batch scaled with the smaller client datasets; the same epochs per round
         # as many rounds as it takes to process the same examples as the sample-level arms
         cfg["num-server-rounds"] = max(1, round(args.rounds / args.client_dp_fraction))
+        # local batch scaled with the smaller client datasets; the same epochs per round
         cfg.update({"client-dp": "server-fixed",
                     "client-dp-noise-multiplier": args.client_dp_noise,
                     "client-dp-clip-norm": args.client_dp_clip,

@@ -166,7 +166,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- part 2: end to end
     part2 = ""
-    e2e_plain, e2e_dp = [], []
+    e2e_plain, e2e_dp, e2e_ratio = [], [], []
     if args.e2e_steps > 0:
         train_small = train_ds.select(range(min(len(train_ds), n_rows)))
         pad = tok.pad_token_id
@@ -187,6 +187,7 @@ def main() -> None:
                     dp_examples = m["train_examples"]
             print(f"[dp-step] e2e pair {i}: train_local {e2e_plain[-1]:.3f}s/step, "
                   f"train_local_dp {e2e_dp[-1]:.3f}s/step", flush=True)
+        e2e_ratio = [d / p for p, d in zip(e2e_plain, e2e_dp)]
         part2 = C.markdown_table(
             ["measure", "train_local (s/step)", "train_local_dp (s/step)", "DP / non-DP"],
             [["median", C.median(e2e_plain), C.median(e2e_dp),
@@ -194,7 +195,7 @@ def main() -> None:
              ["min", min(e2e_plain), min(e2e_dp), min(e2e_dp) / min(e2e_plain)],
              ["max", max(e2e_plain), max(e2e_dp), max(e2e_dp) / max(e2e_plain)],
              ["per-pair ratios: median (min, max)", "", "",
-              C.fmt_spread([d / p for p, d in zip(e2e_plain, e2e_dp)])]])
+              C.fmt_spread(e2e_ratio)]])
         part2 = (f"**2. End to end, same expected batch** ({args.e2e_pairs} interleaved pairs "
                  f"of `train_local` / `train_local_dp` calls of {args.e2e_steps} steps each on "
                  f"{len(train_small)} tokenized articles; DP batches Poisson with expected size "
@@ -224,7 +225,7 @@ def main() -> None:
     ]
     lo, mid, hi = C.spread(pair_ratio)
     e2e = (f"; end to end with Poisson batches, per-pair ratios "
-           f"{C.fmt_spread([d / p for p, d in zip(e2e_plain, e2e_dp)])} "
+           f"{C.fmt_spread(e2e_ratio)} "
            f"({args.e2e_pairs} pairs)") if e2e_plain else ""
     summary = [(f"DP-SGD step vs non-DP step (Opacus hooks, LoRA, batch {args.batch_size} x "
                 f"{seq} tokens)",
