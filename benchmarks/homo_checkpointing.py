@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=2, help="LoRA steps per process")
-    p.add_argument("--repeats", type=int, default=1, help="fresh processes per arm")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per arm")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--threads", type=int, default=2)

@@ -271,7 +271,8 @@ def main() -> None:
             summary.append((
                 "LoRA training peak RSS fp32 / 8-bit / 4-bit (CPU)",
                 " / ".join(f"{C.median([r['peak_train_mb'] for r in train[m]]) / 1024:.1f}"
-                           for m in tmodes) + " GB; vs fp32 per repetition: "
+                           for m in tmodes)
+                + " GiB (MB in the tables are MiB); vs fp32 per repetition: "
                 + "; ".join(f"{m} {C.fmt_spread(v)}" for m, v in spreads.items())
                 + f". On CPU activations dominate, so quantization saves weights, not "
                 f"training peak; load {C.load_avg()}"))

@@ -75,7 +75,7 @@ def run_once(n_clients: int, model: str, data: Path, out: Path, rounds: int, rep
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--examples", type=int, default=3000)
     ap.add_argument("--no-write", action="store_true")
