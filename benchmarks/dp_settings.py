@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run-config key for every arm (TOML value), repeatable")
     p.add_argument("--quick", action="store_true", help="tiny settings, results not written")
+    p.add_argument("--name", default=NAME, help="results file benchmarks/results/<name>.md")
     p.add_argument("--report-only", default="", metavar="RESULTS_JSON",
                    help="run nothing: write the report from a results.json of an earlier run "
                         "(the other options must match that run's)")
@@ -239,7 +240,7 @@ def report(args, results: list[dict], load0, command: str, write: bool = True) -
                                   + (f", {C.fmt(gain_fraction(r, base), 3)} of the gain)"
                                      if r is not base else ")")
                                   for r in results)))
-    return C.emit(NAME, "Choosing DP settings: accuracy vs epsilon with large DP batches",
+    return C.emit(args.name, "Choosing DP settings: accuracy vs epsilon with large DP batches",
                   body, command, write=write, notes=[
                       "Sample-level epsilon is per client (one article), the example-weighted "
                       "mean over clients after the last round, from Opacus' RDP accountant on "

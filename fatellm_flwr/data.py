@@ -276,9 +276,41 @@ def encode_example(tokenizer, cfg: Config, task_data: TaskData, row: dict[str, A
             "labels": [-100] * len(prompt_ids) + list(target_ids)}
 
 
+_WARNED_NO_ROOM: set[tuple[int, int, int]] = set()
+
+
+def warn_if_no_room_for_text(tokenizer, cfg: Config, task_data: TaskData,
+                             row: dict[str, Any]) -> int:
+    """Log a warning when ``max-length`` leaves the text field fewer than 8 tokens next to
+    the instruction (chat template included) and the longest answer: the model would then
+    classify almost nothing, and the instruction itself gets cut. Returns the tokens the
+    prompt takes without its text."""
+    empty = dict(row)
+    empty[cfg.text_column] = ""
+    prompt, _ = task_data.prompt_and_target(cfg, empty)
+    overhead = len(tokenizer(render_prompt(tokenizer, prompt, cfg.use_chat_template),
+                             add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token or ""
+    answer = max((len(tokenizer(str(lbl) + eos, add_special_tokens=False)["input_ids"])
+                  for lbl in task_data.label_names), default=1)
+    key = (cfg.max_length, overhead, answer)
+    if cfg.max_length - overhead - answer < 8 and key not in _WARNED_NO_ROOM:
+        _WARNED_NO_ROOM.add(key)  # once per process, not per client and round
+        log.warning(
+            "max-length=%d leaves %d token(s) for the text: the prompt around it takes %d "
+            "tokens (use-chat-template=%s) and the longest answer %d; the instruction gets "
+            "cut too. Raise max-length to at least %d%s.", cfg.max_length,
+            max(0, cfg.max_length - overhead - answer), overhead,
+            str(cfg.use_chat_template).lower(), answer, overhead + answer + 32,
+            " or set use-chat-template=false" if cfg.use_chat_template else "")
+    return overhead
+
+
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, cfg: Config,
                      task_data: TaskData) -> datasets.Dataset:
     """Map :func:`encode_example` over ``ds`` (keeps the raw columns for evaluation)."""
+    if task_data.task == "classification" and len(ds):
+        warn_if_no_room_for_text(tokenizer, cfg, task_data, ds[0])
     return ds.map(lambda row: encode_example(tokenizer, cfg, task_data, row),
                   desc="tokenize", load_from_cache_file=False, keep_in_memory=True)
 

@@ -236,3 +236,28 @@ def test_encoding_masks_the_prompt_and_keeps_the_answer(tiny_model_dir):
     assert tok.decode([t for t in enc["labels"] if t != -100]).startswith("paris is the capital")
     lm = encode_example(tok, cfg, TaskData("lm", ()), {"text": "hello how are you ?"})
     assert lm["labels"] == lm["input_ids"]
+
+
+def test_max_length_without_room_for_the_text_warns_once(tiny_model_dir, caplog):
+    import datasets
+
+    from fatellm_flwr import data as data_mod
+    from fatellm_flwr.data import tokenize_dataset
+
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    td = TaskData("classification", ("business", "sport"))
+    rows = datasets.Dataset.from_list([{"text": "the team won the match " * 20,
+                                        "label": "sport"}] * 3)
+    roomy = Config.from_run_config({"max-length": 160})
+    overhead = data_mod.warn_if_no_room_for_text(tok, roomy, td, rows[0])
+    assert 20 < overhead < 140  # the instruction alone, without the article
+    with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
+        tokenize_dataset(rows, tok, roomy, td)
+        assert "leaves" not in caplog.text
+        tight = Config.from_run_config({"max-length": overhead})
+        tokenize_dataset(rows, tok, tight, td)
+        tokenize_dataset(rows, tok, tight, td)  # a second client: no second warning
+    warnings = [r.getMessage() for r in caplog.records if "leaves" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"max-length={overhead} leaves 0 token(s) for the text" in warnings[0]
+    assert f"prompt around it takes {overhead} tokens" in warnings[0]
