@@ -52,15 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=float, default=0.35)
     p.add_argument("--batch-size", type=int, default=32, help="expected (Poisson) batch")
     p.add_argument("--physical-batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--lora-r", type=int, default=4)
-    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--lr", type=float, default=2e-2, help="AdamW learning rate without DP")
+    p.add_argument("--dp-lr", type=float, default=5e-2,
+                   help="AdamW learning rate of the DP-SGD arms (0 = --lr)")
+    p.add_argument("--lora-r", type=int, default=1)
+    p.add_argument("--target-modules", default="v_proj")
     p.add_argument("--last-layers", type=int, default=8, help="peft-last-layers")
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--max-examples", type=int, default=0, help="0 = all 2,225 articles")
     p.add_argument("--test-size", type=int, default=100)
     p.add_argument("--partitioner", default="iid", choices=("iid", "dirichlet"))
-    p.add_argument("--clip", type=float, default=1.0, help="dp-max-grad-norm")
+    p.add_argument("--clip", type=float, default=0.1, help="dp-max-grad-norm")
     p.add_argument("--client-dp-clients", type=int, default=30)
     p.add_argument("--client-dp-fraction", type=float, default=0.5)
     p.add_argument("--client-dp-noise", type=float, default=1.0)
@@ -92,7 +94,8 @@ def base_config(args, model: str) -> dict:
             "fraction-evaluate": 0.0, "plots": False, "save-every-round": False,
             "num-threads": args.threads, "dp-delta": 1e-5, "dp-max-grad-norm": args.clip,
             "dp-physical-batch-size": args.physical_batch_size,
-            "peft-last-layers": args.last_layers, **_extra(args.set)}
+            "peft-last-layers": args.last_layers, "use-chat-template": False,
+            **_extra(args.set)}
 
 
 def _extra(pairs: list[str]) -> dict:
@@ -107,7 +110,8 @@ def arm_config(name: str, args, model: str) -> tuple[dict, int]:
     if name in SAMPLE_ARMS:
         eps = SAMPLE_ARMS[name]
         if eps is not None:
-            cfg.update({"dp-sgd": True, "dp-target-epsilon": eps})
+            cfg.update({"dp-sgd": True, "dp-target-epsilon": eps,
+                        "lr": args.dp_lr or args.lr})
         return cfg, args.clients
     if name == "client-dp":
         n = args.client_dp_clients
@@ -221,7 +225,8 @@ def report(args, results: list[dict], load0, command: str, write: bool = True) -
         f"{args.clients} clients; LoRA r={args.lora_r} (alpha {2 * args.lora_r}) on "
         f"{args.target_modules} of the last {args.last_layers} blocks; {args.rounds} rounds x "
         f"{args.local_epochs:g} local epoch(s), expected batch {args.batch_size} (DP: Poisson, "
-        f"{args.physical_batch_size} per pass), AdamW lr {args.lr:g}, max length "
+        f"{args.physical_batch_size} per pass), AdamW lr {args.lr:g} (DP-SGD arms: "
+        f"{args.dp_lr or args.lr:g}), max length "
         f"{args.max_length}, per-sample clip {args.clip:g}. Client-level arm: "
         f"{args.client_dp_clients} clients, {args.client_dp_fraction:g} sampled per round, "
         f"server-side fixed clipping {args.client_dp_clip:g}, noise multiplier "

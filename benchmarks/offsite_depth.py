@@ -11,13 +11,18 @@ model zero-shot, emulator with the original adapters, emulator with the tuned ad
 middle blocks is the emulator that *is* the full model: its plug-in is plain federated
 fine-tuning of the adapter blocks, the upper bound of every shallower emulator.
 
-Each depth is a fresh federation with the package's own ``OffsiteStrategy`` and
+``--configs n/a/b[/d],...`` sweeps whole splits instead (adapter blocks a/b as well as n;
+a trailing ``/d`` distils that emulator on public text first, the paper's distilled
+emulator, ``offsite-distill``), written to ``--name`` so the depth table stays.
+
+Each configuration is a fresh federation with the package's own ``OffsiteStrategy`` and
 ``OffsiteClient`` driven in-process message by message (``benchmarks/_inprocess.py``, the
 frozen emulator delivered through the node's state as in a deployment), same data, seed,
 steps and learning rate at every depth.
 
     python benchmarks/offsite_depth.py                         # SmolLM2, BBC News
     python benchmarks/offsite_depth.py --model tiny --quick    # pipeline check
+    python benchmarks/offsite_depth.py --configs 6/2/2/d,6/4/4,2/6/6 --name offsite_split
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "kept); n = all middle blocks = the full model")
     p.add_argument("--bottom", type=int, default=2)
     p.add_argument("--top", type=int, default=2)
+    p.add_argument("--configs", default="", help="splits n/a/b or n/a/b/d (d: distilled "
+                   "emulator), comma-separated; overrides --depths/--bottom/--top")
+    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--name", default=NAME, help="results file benchmarks/results/<name>.md")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=12)
@@ -57,12 +67,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.depths, args.bottom, args.top, args.rounds, args.local_steps = "0,1,2", 1, 1, 1, 2
         args.max_examples, args.test_size, args.max_length = 60, 12, 48
+        args.distill_steps = 2
+        if args.configs:
+            args.configs = "1/1/1/d,0/1/1"
+    args.splits = parse_configs(args)
     return args
 
 
-def run_depth(n: int, args, model: str) -> dict:
+def parse_configs(args) -> list[tuple[int, int, int, bool]]:
+    """``(n, a, b, distilled)`` per federation, from ``--configs`` or ``--depths``."""
+    if not args.configs:
+        return [(int(d), args.bottom, args.top, False)
+                for d in args.depths.split(",") if d.strip()]
+    out = []
+    for item in (c.strip() for c in args.configs.split(",") if c.strip()):
+        parts = item.split("/")
+        distill = len(parts) == 4 and parts[3] == "d"
+        try:
+            if len(parts) not in (3, 4) or (len(parts) == 4 and not distill):
+                raise ValueError
+            n, a, b = (int(x) for x in parts[:3])
+        except ValueError:
+            raise SystemExit(f"--configs item {item!r}: expected n/a/b or n/a/b/d "
+                             "(integers; d = distilled emulator)") from None
+        out.append((n, a, b, distill))
+    return out
+
+
+def label(split: tuple[int, int, int, bool]) -> str:
+    n, a, b, distill = split
+    return f"n={n} a={a} b={b}" + (" distilled" if distill else "")
+
+
+def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
     import torch
 
+    n, a, b, distill = split
     from fatellm_flwr.clients.offsite import OffsiteClient
     from fatellm_flwr.models import clear_model_cache
     from fatellm_flwr.outputs import RunDir
@@ -70,7 +110,9 @@ def run_depth(n: int, args, model: str) -> dict:
 
     cfg = C.app_config({
         "algorithm": "offsite", "model": model, "dataset": "builtin:bbc-news",
-        "offsite-bottom": args.bottom, "offsite-top": args.top, "offsite-emulator-layers": n,
+        "offsite-bottom": a, "offsite-top": b, "offsite-emulator-layers": n,
+        "offsite-distill": distill, "offsite-distill-steps": args.distill_steps,
+        "offsite-distill-lr": args.distill_lr,
         "num-server-rounds": args.rounds, "local-steps": args.local_steps,
         "batch-size": args.batch_size, "lr": args.lr, "max-length": args.max_length,
         "max-examples": args.max_examples, "test-size": args.test_size, "seed": args.seed,
@@ -79,64 +121,92 @@ def run_depth(n: int, args, model: str) -> dict:
         "save-every-round": False, "plots": False, "num-threads": args.threads})
     torch.set_num_threads(args.threads)
     clear_model_cache()
-    out = tempfile.mkdtemp(prefix=f"offsite-depth-{n}-")
+    out = tempfile.mkdtemp(prefix=f"offsite-depth-{n}-{a}-{b}-")
     t0 = time.perf_counter()
     strategy = OffsiteStrategy(cfg, RunDir.create(out, f"n{n}", "offsite"))
-    split = strategy.split
+    layout = strategy.split
     drive(strategy, lambda pid, ctx: OffsiteClient(cfg, pid, args.clients, context=ctx),
-          args.clients, args.rounds, log=lambda m: print(f"[n={n}] {m}", flush=True))
+          args.clients, args.rounds, log=lambda m: print(f"[{label(split)}] {m}", flush=True))
     wall = time.perf_counter() - t0
     last = strategy.run.records[-1]
-    res = {"n": n, "layers": split.num_layers, "kept": split.kept_indices(),
-           "middle": len(split.middle_indices()), "wall_s": wall,
-           "client_blocks": len(split.kept_indices()),
+    first = strategy.run.records[0]
+    res = {"n": n, "a": a, "b": b, "distilled": distill, "layers": layout.num_layers,
+           "kept": layout.kept_indices(), "middle": len(layout.middle_indices()),
+           "wall_s": wall, "client_blocks": len(layout.kept_indices()),
+           "distill_mse": (first.get("offsite_distill_mse_first"),
+                           first.get("offsite_distill_mse_last")),
            "train_loss": last.get("fit_train_loss"),
            **{f"{w}_{m}": last.get(f"server_{w}_{m}") for w in FOUR for m in ("accuracy", "loss")}}
-    print(f"[n={n}] {json.dumps(res)}", flush=True)
+    print(f"[{label(split)}] {json.dumps(res)}", flush=True)
     return res
 
 
 def report(args, results: list[dict], load0, write: bool) -> str:
+    sweep = bool(args.configs)  # whole splits (n, a, b, distilled) rather than depths
     rows = []
     for r in results:
         gap = r["plugin_accuracy"] - r["full_zeroshot_accuracy"]
-        rows.append([r["n"], f"{r['client_blocks']} of {r['layers']}",
+        head = ([label((r["n"], r["a"], r["b"], r["distilled"]))] if sweep else [r["n"]])
+        mse = ([" -> ".join(C.fmt(v) for v in r["distill_mse"]) if r["distilled"] else "-"]
+               if sweep else [])
+        rows.append([*head, f"{r['client_blocks']} of {r['layers']}", *mse,
                      *(C.fmt(r[f"{w}_{m}"]) for w in FOUR for m in ("accuracy", "loss")),
                      f"{gap:+.2f}", C.fmt(r["train_loss"]), C.fmt_duration(r["wall_s"])])
     table = C.markdown_table(
-        ["emulator depth n", "client blocks (a + n + b)", "full zero-shot acc", "loss",
+        [*(["split (n middle, a bottom, b top)"] if sweep else ["emulator depth n"]),
+         "client blocks (a + n + b)",
+         *(["distillation MSE first -> last"] if sweep else []),
+         "full zero-shot acc", "loss",
          "emulator + original acc", "loss", "emulator + tuned acc", "loss",
          "plug-in acc", "loss", "plug-in - zero-shot (acc)", "client train loss", "wall"],
         rows)
     se = (0.25 / max(1, args.test_size)) ** 0.5
+    if sweep:
+        what = (f"splits as listed (adapters fully fine-tuned, FedAvg; emulator = n middle "
+                f"blocks by uniform layer drop; 'distilled': its middle blocks first trained "
+                f"{args.distill_steps} AdamW steps at lr {args.distill_lr:g} on `builtin:"
+                f"chatterbot` text to match the full model's hidden state entering the top "
+                f"adapters, the paper's distilled emulator)")
+    else:
+        what = (f"adapters a={args.bottom} bottom + b={args.top} top blocks (fully fine-tuned, "
+                f"FedAvg), emulator = n middle blocks by uniform layer drop (no distillation)")
     body = "\n".join([
-        f"Model `{args.model}`, adapters a={args.bottom} bottom + b={args.top} top blocks "
-        f"(fully fine-tuned, FedAvg), emulator = n middle blocks by uniform layer drop (no "
-        f"distillation); BBC News (builtin), {args.max_examples} articles, {args.test_size} "
-        f"held out for the server, the rest IID over {args.clients} clients; {args.rounds} "
-        f"rounds x {args.local_steps} local steps, batch {args.batch_size}, AdamW lr "
-        f"{args.lr:g}, max length {args.max_length}, seed {args.seed}; accuracy = most likely "
-        f"label (5 labels, chance 0.2), binomial s.e. at most {se:.3f} per number. Numbers "
-        "after the last round; one federation per depth.", "", table, "",
+        f"Model `{args.model}`, {what}; BBC News (builtin), {args.max_examples} articles, "
+        f"{args.test_size} held out for the server, the rest IID over {args.clients} clients; "
+        f"{args.rounds} rounds x {args.local_steps} local steps, batch {args.batch_size}, AdamW "
+        f"lr {args.lr:g}, max length {args.max_length}, seed {args.seed}; accuracy = most "
+        f"likely label (5 labels, chance 0.2), binomial s.e. at most {se:.3f} per number. "
+        "Numbers after the last round; one federation per row.", "", table, "",
         f"Load average before / after: {load0} / {C.load_avg()}."])
     summary = []
     if results:
         best = max(results, key=lambda r: r["plugin_accuracy"] - r["full_zeroshot_accuracy"])
-        summary.append((
-            f"Offsite plug-in vs full zero-shot by emulator depth ({args.model.split(':')[-1]}, "
-            f"{results[0]['layers']} blocks, a={args.bottom}, b={args.top}, BBC News)",
-            "; ".join(f"n={r['n']}: plug-in {C.fmt(r['plugin_accuracy'])} vs zero-shot "
-                      f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
-            + f"; largest gain at n={best['n']}"))
-    return C.emit(NAME, "Offsite-tuning: plug-in vs zero-shot across emulator depths", body,
-                  C.command_line(), write=write, summary=summary, notes=[
-                      "The full model's zero-shot number is the same at every depth (same "
-                      "model, same test set); the emulator numbers change with n.",
-                      "Plug-in above zero-shot at the deepest emulator but not at shallow ones "
-                      "means the adapters learnt the task but overfit the emulator's "
-                      "lossy middle (the paper's reason for distillation and deeper emulators); "
-                      "plug-in below zero-shot everywhere means the training budget, not the "
-                      "emulator, limits the result."])
+        best_label = label((best["n"], best["a"], best["b"], best["distilled"]))
+        name = args.model.split(":")[-1]
+        if sweep:
+            summary.append((
+                f"Offsite plug-in vs full zero-shot by split and distillation ({name}, "
+                f"{results[0]['layers']} blocks, BBC News)",
+                "; ".join(f"{label((r['n'], r['a'], r['b'], r['distilled']))}: plug-in "
+                          f"{C.fmt(r['plugin_accuracy'])} vs zero-shot "
+                          f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
+                + f"; largest gain at {best_label}"))
+        else:
+            summary.append((
+                f"Offsite plug-in vs full zero-shot by emulator depth ({name}, "
+                f"{results[0]['layers']} blocks, a={args.bottom}, b={args.top}, BBC News)",
+                "; ".join(f"n={r['n']}: plug-in {C.fmt(r['plugin_accuracy'])} vs zero-shot "
+                          f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
+                + f"; largest gain at n={best['n']}"))
+    title = ("Offsite-tuning: plug-in vs zero-shot across splits and distillation" if sweep
+             else "Offsite-tuning: plug-in vs zero-shot across emulator depths")
+    return C.emit(args.name, title, body, C.command_line(), write=write, summary=summary, notes=[
+        "The full model's zero-shot number is the same in every row (same model, same test "
+        "set); the emulator numbers change with the split.",
+        "Plug-in above zero-shot at the deepest emulator but not at shallow ones means the "
+        "adapters learnt the task but overfit the emulator's lossy middle (the paper's reason "
+        "for distillation and deeper emulators); plug-in below zero-shot everywhere means the "
+        "training budget, not the emulator, limits the result."])
 
 
 def main(argv=None) -> None:
@@ -144,8 +214,8 @@ def main(argv=None) -> None:
     load0 = C.load_avg()
     model = C.resolve_model_arg(args.model)
     results = []
-    for n in [int(d) for d in args.depths.split(",") if d.strip()]:
-        results.append(run_depth(n, args, model))
+    for split in args.splits:
+        results.append(run_depth(split, args, model))
     report(args, results, load0, write=not args.quick)
 
 

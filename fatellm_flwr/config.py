@@ -231,8 +231,10 @@ class Config:
                                     "dp-noise-multiplier).", low=0)
     dp_delta: float = _opt(1e-5, "DP delta (sample-level and client-level).", low=0, high=1,
                            low_open=True, high_open=True)
-    dp_max_grad_norm: float = _opt(1.0, "DP-SGD per-sample gradient clipping bound.", low=0,
-                                   low_open=True)
+    dp_max_grad_norm: float = _opt(0.1, "DP-SGD per-sample gradient clipping bound; keep it "
+                                   "below the records' gradient norms (benchmarks/dp_grad_norms.py "
+                                   "measures them): a bound above them clips nothing and "
+                                   "only adds noise.", low=0, low_open=True)
     dp_max_epsilon: float = _opt(0.0, "Stop a client's training once its epsilon would exceed "
                                  "this budget (0 = no budget).", low=0)
     dp_physical_batch_size: int = _opt(0, "DP-SGD: most records per forward/backward pass "
