@@ -130,7 +130,8 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
     wall = time.perf_counter() - t0
     last = strategy.run.records[-1]
     first = strategy.run.records[0]
-    res = {"n": n, "a": a, "b": b, "distilled": distill, "layers": layout.num_layers,
+    res = {"n": n, "a": a, "b": b, "distilled": distill, "label": label(split),
+           "layers": layout.num_layers,
            "kept": layout.kept_indices(), "middle": len(layout.middle_indices()),
            "wall_s": wall, "client_blocks": len(layout.kept_indices()),
            "distill_mse": (first.get("offsite_distill_mse_first"),
@@ -146,7 +147,7 @@ def report(args, results: list[dict], load0, write: bool) -> str:
     rows = []
     for r in results:
         gap = r["plugin_accuracy"] - r["full_zeroshot_accuracy"]
-        head = ([label((r["n"], r["a"], r["b"], r["distilled"]))] if sweep else [r["n"]])
+        head = [r["label"]] if sweep else [r["n"]]
         mse = ([" -> ".join(C.fmt(v) for v in r["distill_mse"]) if r["distilled"] else "-"]
                if sweep else [])
         rows.append([*head, f"{r['client_blocks']} of {r['layers']}", *mse,
@@ -181,16 +182,15 @@ def report(args, results: list[dict], load0, write: bool) -> str:
     summary = []
     if results:
         best = max(results, key=lambda r: r["plugin_accuracy"] - r["full_zeroshot_accuracy"])
-        best_label = label((best["n"], best["a"], best["b"], best["distilled"]))
         name = args.model.split(":")[-1]
         if sweep:
             summary.append((
                 f"Offsite plug-in vs full zero-shot by split and distillation ({name}, "
                 f"{results[0]['layers']} blocks, BBC News)",
-                "; ".join(f"{label((r['n'], r['a'], r['b'], r['distilled']))}: plug-in "
+                "; ".join(f"{r['label']}: plug-in "
                           f"{C.fmt(r['plugin_accuracy'])} vs zero-shot "
                           f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
-                + f"; largest gain at {best_label}"))
+                + f"; largest gain at {best['label']}"))
         else:
             summary.append((
                 f"Offsite plug-in vs full zero-shot by emulator depth ({name}, "
