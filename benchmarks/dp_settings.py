@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--client-dp-clip", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="", help="comma-separated seeds: every arm runs once per "
+                   "seed (data split, held-out set, init and batches all change); default: "
+                   "--seed only")
     p.add_argument("--work-dir", default="", help="per-arm results.json (default: temp dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run-config key for every arm (TOML value), repeatable")
@@ -150,7 +154,7 @@ def run_arm(name: str, args, model: str) -> dict:
     wall = time.perf_counter() - t0
     recs = {r["round"]: r for r in strategy.run.records}
     last = recs[rounds]
-    res = {"name": name, "clients": n, "wall_s": wall,
+    res = {"name": name, "seed": args.seed, "clients": n, "wall_s": wall,
            "rounds": rounds,
            "acc": [recs[r].get("server_accuracy") for r in range(rounds + 1)],
            "loss": [recs[r].get("server_loss") for r in range(rounds + 1)],
@@ -181,10 +185,21 @@ def run_all(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     print(f"[dp-settings] per-arm results in {work / 'results.json'}", flush=True)
     results = []
-    for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
-        results.append(run_arm(name, args, model))
-        (work / "results.json").write_text(json.dumps(results, indent=1))
+    for seed in seeds_of(args):
+        for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
+            results.append(run_arm(name, argparse.Namespace(**{**vars(args), "seed": seed}),
+                                   model))
+            (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def seeds_of(args) -> list[int]:
+    """The seeds every arm runs with: ``--seeds`` if given, else ``[--seed]``."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    return seeds or [args.seed]
 
 
 def main(argv=None) -> None:
@@ -206,16 +221,44 @@ def gain_fraction(res: dict, base: dict | None) -> float | None:
     return (res["acc"][-1] - res["acc"][0]) / denom if denom > 0 else None
 
 
+def _seed(r: dict, args) -> int:
+    return int(r.get("seed", args.seed))  # results.json of runs before --seeds had no seed
+
+
+def repeated_summary(results: list[dict], args) -> list[tuple[str, str]]:
+    """Per DP arm over seeds: the gain fraction per seed (paired with that seed's no-DP arm)
+    and the pooled fraction (mean gain / mean no-DP gain)."""
+    bases = {_seed(r, args): r for r in results if r["name"] == "no-dp"}
+    out = []
+    for name in dict.fromkeys(r["name"] for r in results if r["name"] != "no-dp"):
+        runs = [r for r in results if r["name"] == name and _seed(r, args) in bases]
+        fracs = [f for r in runs if (f := gain_fraction(r, bases[_seed(r, args)])) is not None]
+        if not fracs:
+            continue
+        gain = statistics.mean(r["acc"][-1] - r["acc"][0] for r in runs)
+        base_gain = statistics.mean(bases[_seed(r, args)]["acc"][-1]
+                                    - bases[_seed(r, args)]["acc"][0] for r in runs)
+        eps = statistics.mean(r["eps"] for r in runs if r["eps"] is not None)
+        out.append((f"DP-SGD {name} (eps {eps:.3g}) over {len(fracs)} seeds: gain over "
+                    f"zero-shot / no-DP gain (BBC News, {args.clients} clients)",
+                    f"per seed {C.fmt_spread(fracs)}; pooled {gain:.3f} / {base_gain:.3f} = "
+                    f"{gain / base_gain:.3f}" if base_gain > 0 else "no-DP gain <= 0"))
+    return out
+
+
 def report(args, results: list[dict], load0, command: str, write: bool = True) -> str:
-    base = next((r for r in results if r["name"] == "no-dp"), None)
+    bases = {_seed(r, args): r for r in results if r["name"] == "no-dp"}
+    seeds = list(dict.fromkeys(_seed(r, args) for r in results))
+    base = bases.get(seeds[0]) if seeds else None
     rows = []
     for r in results:
-        frac = gain_fraction(r, base)
-        rows.append([r["name"], r["clients"], C.fmt(r["noise"]), C.fmt(r["eps"]),
-                     " -> ".join(C.fmt(a) for a in r["acc"]), C.fmt(r["loss"][-1]),
-                     "" if frac is None else C.fmt(frac, 3), C.fmt_duration(r["wall_s"])])
+        frac = gain_fraction(r, bases.get(_seed(r, args)))
+        rows.append([r["name"], _seed(r, args), r["clients"], C.fmt(r["noise"]),
+                     C.fmt(r["eps"]), " -> ".join(C.fmt(a) for a in r["acc"]),
+                     C.fmt(r["loss"][-1]), "" if frac is None else C.fmt(frac, 3),
+                     C.fmt_duration(r["wall_s"])])
     table = C.markdown_table(
-        ["arm", "clients", "noise multiplier (mean)", "epsilon (delta 1e-5)",
+        ["arm", "seed", "clients", "noise multiplier (mean)", "epsilon (delta 1e-5)",
          "server accuracy per round (round 0 = zero-shot)", "final test loss",
          "gain / no-DP gain", "wall"], rows)
     body = "\n".join([
@@ -232,12 +275,14 @@ def report(args, results: list[dict], load0, command: str, write: bool = True) -
         f"server-side fixed clipping {args.client_dp_clip:g}, noise multiplier "
         f"{args.client_dp_noise:g}, {round(args.rounds / args.client_dp_fraction)} rounds (the "
         "same examples processed as in the sample-level arms). "
-        f"Extra keys: {args.set or 'none'}. One run per arm "
+        f"Extra keys: {args.set or 'none'}. Seeds {seeds}: one run per arm and seed "
         f"(binomial s.e. of an accuracy near 0.8 on {args.test_size} examples: "
         f"{(0.16 / max(1, args.test_size)) ** 0.5:.3f}).", "", table, "",
         f"Load average before / after: {load0} / {C.load_avg()}."])
     summary = []
-    if base is not None:
+    if len(seeds) > 1:
+        summary = repeated_summary(results, args)
+    elif base is not None:
         summary.append(("DP-SGD: accuracy gain over zero-shot vs the no-DP gain (BBC News, "
                         f"{args.clients} clients)",
                         "; ".join(f"{r['name']}: {C.fmt(r['acc'][0])} -> "

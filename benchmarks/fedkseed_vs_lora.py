@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kseed-steps", type=int, default=200, help="FedKSeed local ZO steps")
     p.add_argument("--zo-lr", type=float, default=2e-6)
     p.add_argument("--zo-eps", type=float, default=1e-3)
+    p.add_argument("--zo-cache-z", action="store_true",
+                   help="zo-cache-z=true: one z generation per ZO step instead of three "
+                        "(benchmarks/zo_cache_z.py), same weights")
     p.add_argument("--lora-steps", type=int, default=10, help="LoRA local steps per round")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA AdamW learning rate")
@@ -97,7 +100,7 @@ def arm_config(name: str, args, model: str):
     if name == "fedkseed":
         return C.app_config({**common, "algorithm": "fedkseed", "zo-num-seeds": args.k,
                              "local-steps": args.kseed_steps, "zo-lr": args.zo_lr,
-                             "zo-eps": args.zo_eps})
+                             "zo-eps": args.zo_eps, "zo-cache-z": args.zo_cache_z})
     if name == "lora":
         return C.app_config({**common, "algorithm": "homo", "peft-method": "lora",
                              "lora-r": args.lora_r, "lora-alpha": 2.0 * args.lora_r,
@@ -197,7 +200,8 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         f"{args.max_examples} articles, {args.test_size} held out, IID over {args.clients} "
         f"clients, batch {args.batch_size} x max length {args.max_length}, seed {args.seed}. "
         f"FedKSeed: K = {args.k}, {args.kseed_steps} local ZO steps per round, zo-lr "
-        f"{args.zo_lr:g}, zo-eps {args.zo_eps:g} (embeddings excluded, the default). LoRA "
+        f"{args.zo_lr:g}, zo-eps {args.zo_eps:g} (embeddings excluded, the default), "
+        f"zo-cache-z {str(args.zo_cache_z).lower()}. LoRA "
         f"FedAvg: r={args.lora_r} on the default target modules, {args.lora_steps} local "
         f"steps per round, AdamW lr {args.lr:g}. Budget {args.budget_s:g} client-compute "
         f"seconds per arm (max {args.max_rounds} rounds); one run per arm.", "", table, "",

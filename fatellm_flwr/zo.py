@@ -240,9 +240,10 @@ class SeedHistory:
 # --------------------------------------------------------------------------- steps
 
 
-def _add_z(tensors: list[torch.Tensor], seed: int, scale: float) -> None:
+def _add_z(tensors: list[torch.Tensor], seed: int, scale: float,
+           zs: list[torch.Tensor] | None) -> None:
     for i, p in enumerate(tensors):
-        p.add_(_z_like(p, seed, i), alpha=scale)
+        p.add_(_z_like(p, seed, i) if zs is None else zs[i], alpha=scale)
 
 
 def _restore_and_update(
@@ -268,13 +269,17 @@ def zo_step(
     lr: float = 1e-5,
     weight_decay: float = 0.0,
     grad_clip: float = 0.0,
+    cache_z: bool = False,
 ) -> float | None:
     """One in-place FedKSeed/MeZO step along the direction of ``seed``; returns ``g`` or None.
 
     ``g = (L(x + eps z) - L(x - eps z)) / (2 eps)`` and ``x <- x - lr (g z + wd x)``, with weight
     decay only on tensors of 2+ dims (biases and norm scales are not decayed, as in FATE/MeZO's
-    parameter grouping). Memory: z is regenerated tensor by tensor from the seed for each phase
-    (+eps, -2 eps, then +eps fused with the update), never held for the whole model.
+    parameter grouping). Memory: by default z is regenerated tensor by tensor from the seed for
+    each phase (+eps, -2 eps, then +eps fused with the update), never held for the whole model
+    (MeZO's inference-level memory). ``cache_z=True`` generates it once and holds it for the
+    step: one z generation per step instead of three, for one extra copy of the tuned tensors
+    on their device. The float operations are the same either way (bit-identical results).
 
     ``loss_fn`` is called twice under ``torch.no_grad``; it must be deterministic (eval mode, no
     dropout), else the difference measures noise. If ``grad_clip > 0`` and ``|g| > grad_clip``,
@@ -284,15 +289,17 @@ def zo_step(
     with the same ``eps`` reproduces bit for bit.
     """
     tensors = _tensors(params)
-    _add_z(tensors, seed, eps)
+    zs = [_z_like(p, seed, i) for i, p in enumerate(tensors)] if cache_z else None
+    _add_z(tensors, seed, eps, zs)
     loss_pos = float(loss_fn())
-    _add_z(tensors, seed, -2.0 * eps)
+    _add_z(tensors, seed, -2.0 * eps, zs)
     loss_neg = float(loss_fn())
     g: float | None = (loss_pos - loss_neg) / (2.0 * eps)
     if not math.isfinite(g) or (grad_clip > 0 and abs(g) > grad_clip):
         g = None
     for i, p in enumerate(tensors):
-        _restore_and_update(p, _z_like(p, seed, i), eps, g, lr, weight_decay)
+        z = _z_like(p, seed, i) if zs is None else zs[i]
+        _restore_and_update(p, z, eps, g, lr, weight_decay)
     return g
 
 

@@ -329,3 +329,33 @@ def test_grad_clip_skip_leaves_model_unchanged(tiny_model_dir):
     assert max((p - b).abs().max().item() for b, (_, p) in zip(before, params)) > 1e-5
     nan_param = [torch.zeros(3)]
     assert zo.zo_step(nan_param, lambda: torch.tensor(float("nan")), seed) is None
+
+
+def test_cache_z_is_bit_identical_and_generates_z_once_per_step(tiny_model_dir, monkeypatch):
+    """zo-cache-z: the same float operations on the same z (bit-identical weights and g, also
+    with weight decay and a skipped step), with one z generation per tensor per step instead
+    of three."""
+    seeds = [int(s) for s in zo.candidate_seeds(4, 2)]
+    runs = {}
+    for cache in (False, True):
+        model = _load(tiny_model_dir("llama"))
+        params = zo.zo_parameters(model)
+        loss_fn = _loss_fn(model)
+        calls: Counter[int] = Counter()
+        real_z_for = zo.z_for
+
+        def counting_z_for(shape, seed, param_index, calls=calls, real_z_for=real_z_for):
+            calls[seed] += 1
+            return real_z_for(shape, seed, param_index)
+
+        monkeypatch.setattr(zo, "z_for", counting_z_for)
+        gs = [zo.zo_step(params, loss_fn, s, eps=1e-3, lr=1e-2, weight_decay=0.1,
+                         grad_clip=1e-12 if t == 2 else 0.0, cache_z=cache)
+              for t, s in enumerate(seeds)]
+        monkeypatch.setattr(zo, "z_for", real_z_for)
+        runs[cache] = (gs, _clone(params), calls, len(params))
+    (g0, p0, calls0, n), (g1, p1, calls1, _) = runs[False], runs[True]
+    assert g0 == g1 and g0[2] is None and all(g is not None for g in g0[:2] + g0[3:])
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert calls0 == Counter({s: 3 * n for s in seeds})
+    assert calls1 == Counter({s: n for s in seeds})

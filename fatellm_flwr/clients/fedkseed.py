@@ -193,7 +193,7 @@ class FedKSeedClient(NumPyClient):
 
                 g = zo_step(zm.params, loss_fn, int(zm.seeds[pick]), eps=cfg.zo_eps,
                             lr=cfg.zo_lr, weight_decay=cfg.zo_weight_decay,
-                            grad_clip=cfg.zo_grad_clip)
+                            grad_clip=cfg.zo_grad_clip, cache_z=cfg.zo_cache_z)
                 if pair:
                     losses.append(float(np.mean(pair)))
                 if g is not None:
