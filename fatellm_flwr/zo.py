@@ -18,7 +18,9 @@ Pure torch/numpy (no Flower import). Conventions used throughout:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "apply_seed_updates",
     "candidate_seeds",
     "direction_seed",
+    "for_each_tensor",
     "replay_steps",
     "sample_seed_indices",
     "seed_probabilities",
@@ -157,6 +160,48 @@ def _z_like(p: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     return z.to(device=p.device, dtype=p.dtype)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+PARALLEL_MIN_NUMEL = 1 << 20
+"""Below this many elements in all, :func:`for_each_tensor` stays on the calling thread."""
+PARALLEL_Z = True
+"""Spread per-tensor z work over threads (:func:`for_each_tensor`); False = one thread, as
+before (kept for the side-by-side in ``benchmarks/zo_cache_z.py``)."""
+
+
+def for_each_tensor(fn: Callable[[int, torch.Tensor], None],
+                    tensors: Sequence[torch.Tensor]) -> None:
+    """Call ``fn(i, tensors[i])`` for every tensor, spread over ``torch.get_num_threads()``
+    threads.
+
+    torch's CPU generator draws one tensor's normals serially (mt19937), so regenerating z
+    for a model is single-threaded however many cores there are; the tensors' streams are
+    independent, so they are generated concurrently instead. Each tensor's operations are
+    unchanged (bit-identical results whatever the thread count); ``fn`` must only touch
+    tensor ``i``. The caller's grad mode (e.g. ``torch.no_grad``) holds in the workers. Models
+    under :data:`PARALLEL_MIN_NUMEL` elements stay on the calling thread.
+    """
+    workers = min(torch.get_num_threads(), len(tensors)) if PARALLEL_Z else 1
+    if sum(p.numel() for p in tensors) < PARALLEL_MIN_NUMEL:
+        workers = 1  # tiny models: thread hand-offs would cost more than they save
+    if workers <= 1:
+        for i, p in enumerate(tensors):
+            fn(i, p)
+        return
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="zo-z")
+    grad = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's over
+
+    def call(i: int, p: torch.Tensor) -> None:
+        with torch.set_grad_enabled(grad):
+            fn(i, p)
+
+    for future in [pool.submit(call, i, p) for i, p in enumerate(tensors)]:
+        future.result()  # re-raises a worker's error
+
+
 # --------------------------------------------------------------------------- probabilities
 
 
@@ -242,8 +287,10 @@ class SeedHistory:
 
 def _add_z(tensors: list[torch.Tensor], seed: int, scale: float,
            zs: list[torch.Tensor] | None) -> None:
-    for i, p in enumerate(tensors):
+    def add(i: int, p: torch.Tensor) -> None:
         p.add_(_z_like(p, seed, i) if zs is None else zs[i], alpha=scale)
+
+    for_each_tensor(add, tensors)
 
 
 def _restore_and_update(
@@ -289,7 +336,14 @@ def zo_step(
     with the same ``eps`` reproduces bit for bit.
     """
     tensors = _tensors(params)
-    zs = [_z_like(p, seed, i) for i, p in enumerate(tensors)] if cache_z else None
+    zs: list[torch.Tensor] | None = None
+    if cache_z:
+        zs = [torch.empty(0)] * len(tensors)
+
+        def draw(i: int, p: torch.Tensor) -> None:
+            zs[i] = _z_like(p, seed, i)
+
+        for_each_tensor(draw, tensors)
     _add_z(tensors, seed, eps, zs)
     loss_pos = float(loss_fn())
     _add_z(tensors, seed, -2.0 * eps, zs)
@@ -297,9 +351,8 @@ def zo_step(
     g: float | None = (loss_pos - loss_neg) / (2.0 * eps)
     if not math.isfinite(g) or (grad_clip > 0 and abs(g) > grad_clip):
         g = None
-    for i, p in enumerate(tensors):
-        z = _z_like(p, seed, i) if zs is None else zs[i]
-        _restore_and_update(p, z, eps, g, lr, weight_decay)
+    for_each_tensor(lambda i, p: _restore_and_update(
+        p, _z_like(p, seed, i) if zs is None else zs[i], eps, g, lr, weight_decay), tensors)
     return g
 
 
@@ -322,12 +375,15 @@ def replay_steps(
     """
     tensors = _tensors(params)
     for seed, g in steps:
-        for i, p in enumerate(tensors):
+        def replay(i: int, p: torch.Tensor, seed: int = seed,
+                   g: float | None = None if g is None else float(g)) -> None:
             z = _z_like(p, seed, i)
             if eps:
                 p.add_(z, alpha=eps)
                 p.add_(z, alpha=-2.0 * eps)
-            _restore_and_update(p, z, eps, None if g is None else float(g), lr, weight_decay)
+            _restore_and_update(p, z, eps, g, lr, weight_decay)
+
+        for_each_tensor(replay, tensors)
 
 
 @torch.no_grad()
@@ -345,7 +401,7 @@ def apply_seed_updates(params: ParamList, updates: Mapping[int, float]) -> None:
     items = sorted((int(s), float(c)) for s, c in updates.items() if float(c) != 0.0)
     if not items:
         return
-    for i, p in enumerate(tensors):
+    def update(i: int, p: torch.Tensor) -> None:
         acc_dtype = torch.promote_types(p.dtype, torch.float32)
         (seed, coeff), rest = items[0], items[1:]
         delta = z_for(p.shape, seed, i).to(acc_dtype).mul_(coeff)
@@ -355,3 +411,5 @@ def apply_seed_updates(params: ParamList, updates: Mapping[int, float]) -> None:
             p.sub_(delta.to(p.device))
         else:  # low precision: one rounding of the summed update
             p.copy_(p.to(acc_dtype) - delta.to(p.device))
+
+    for_each_tensor(update, tensors)

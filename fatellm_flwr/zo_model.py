@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .zo import apply_seed_updates, z_for, zo_parameters
+from .zo import apply_seed_updates, for_each_tensor, z_for, zo_parameters
 
 
 class ZoModel:
@@ -62,7 +62,8 @@ class ZoModel:
                      scale: float) -> None:
         """``p <- scale p - sum c z`` on 2-D+ tensors, ``p <- p - sum c z`` on the others."""
         order = support[np.argsort(self.seeds[support], kind="stable")]
-        for i, p in enumerate(self.params):
+
+        def update(i: int, p: torch.Tensor) -> None:
             matrix = p.ndim >= 2
             coeffs = c_matrix if matrix else c_vector
             acc_dtype = torch.promote_types(p.dtype, torch.float32)
@@ -73,6 +74,8 @@ class ZoModel:
                                alpha=float(coeffs[j]))
             new = p.to(acc_dtype) * (scale if matrix else 1.0) - delta.to(p.device)
             p.copy_(new)
+
+        for_each_tensor(update, self.params)
 
     def record_steps(self, indices: Sequence[int], gs: Sequence[float], lr: float,
                      weight_decay: float = 0.0) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -359,3 +360,49 @@ def test_cache_z_is_bit_identical_and_generates_z_once_per_step(tiny_model_dir, 
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert calls0 == Counter({s: 3 * n for s in seeds})
     assert calls1 == Counter({s: n for s in seeds})
+
+
+def test_threaded_z_work_is_bit_identical_to_one_thread(tiny_model_dir, monkeypatch):
+    """for_each_tensor spreads z generation over torch's thread count: every tensor's float
+    operations are unchanged, so zo_step (cached or not), replay_steps and apply_seed_updates
+    give the same bits with 1 and with 4 threads."""
+    monkeypatch.setattr(zo, "PARALLEL_MIN_NUMEL", 0)  # thread the tiny model too
+    seeds = [int(s) for s in zo.candidate_seeds(3, 9)]
+    out = {}
+    for threads in (1, 4):
+        torch.set_num_threads(threads)
+        model = _load(tiny_model_dir("llama"))
+        params = zo.zo_parameters(model)
+        loss_fn = _loss_fn(model)
+        gs = [zo.zo_step(params, loss_fn, s, eps=1e-3, lr=1e-2, weight_decay=0.1,
+                         cache_z=t == 1) for t, s in enumerate(seeds)]
+        zo.replay_steps(params, list(zip(seeds, gs)), lr=1e-2, weight_decay=0.1, eps=1e-3)
+        zo.apply_seed_updates(params, {s: 1e-3 * (k + 1) for k, s in enumerate(seeds)})
+        out[threads] = (gs, _clone(params))
+    torch.set_num_threads(1)
+    assert out[1][0] == out[4][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[1][1], out[4][1]))
+
+
+def test_for_each_tensor_visits_every_tensor_and_reraises(monkeypatch):
+    monkeypatch.setattr(zo, "PARALLEL_MIN_NUMEL", 0)
+    torch.set_num_threads(2)
+    try:
+        seen: list[tuple[int, bool]] = []
+        with torch.no_grad():
+            zo.for_each_tensor(lambda i, p: seen.append((i, torch.is_grad_enabled())),
+                               [torch.zeros(1)] * 5)
+        assert sorted(seen) == [(i, False) for i in range(5)]
+        threads: set[str] = set()
+        zo.for_each_tensor(lambda i, p: threads.add(threading.current_thread().name),
+                           [torch.zeros(1)] * 64)
+        assert any(t.startswith("zo-z") for t in threads)  # really ran on the pool
+
+        def boom(i, p):
+            if i == 3:
+                raise ValueError("tensor 3")
+
+        with pytest.raises(ValueError, match="tensor 3"):
+            zo.for_each_tensor(boom, [torch.zeros(1)] * 5)
+    finally:
+        torch.set_num_threads(1)
