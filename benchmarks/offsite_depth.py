@@ -31,6 +31,7 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import _common as C
 from _inprocess import drive
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quick", action="store_true", help="tiny settings, results not written")
+    p.add_argument("--report-only", default="", metavar="RESULTS_JSON",
+                   help="run nothing: write the report from a JSON list of the per-split "
+                        "results an earlier run printed (the other options must match it)")
     args = p.parse_args(argv)
     if args.quick:
         args.depths, args.bottom, args.top, args.rounds, args.local_steps = "0,1,2", 1, 1, 1, 2
@@ -137,9 +141,20 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
            "distill_mse": (first.get("offsite_distill_mse_first"),
                            first.get("offsite_distill_mse_last")),
            "train_loss": last.get("fit_train_loss"),
+           "rounds_acc": {w: [r.get(f"server_{w}_accuracy") for r in strategy.run.records]
+                          for w in ("emulator_tuned", "plugin")},
            **{f"{w}_{m}": last.get(f"server_{w}_{m}") for w in FOUR for m in ("accuracy", "loss")}}
     print(f"[{label(split)}] {json.dumps(res)}", flush=True)
     return res
+
+
+def best_round(r: dict) -> str:
+    """`` (best round k: plug-in x)`` when an earlier round's plug-in beat the last one's."""
+    accs = (r.get("rounds_acc") or {}).get("plugin") or []
+    if len(accs) < 2 or max(accs[1:]) <= accs[-1]:
+        return ""
+    k = 1 + accs[1:].index(max(accs[1:]))
+    return f" (best after round {k} of {len(accs) - 1}: plug-in {C.fmt(accs[k])})"
 
 
 def report(args, results: list[dict], load0, write: bool) -> str:
@@ -153,6 +168,12 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         rows.append([*head, f"{r['client_blocks']} of {r['layers']}", *mse,
                      *(C.fmt(r[f"{w}_{m}"]) for w in FOUR for m in ("accuracy", "loss")),
                      f"{gap:+.2f}", C.fmt(r["train_loss"]), C.fmt_duration(r["wall_s"])])
+    curves = [[r["label"], " -> ".join(C.fmt(a) for a in r["rounds_acc"]["plugin"]),
+               " -> ".join(C.fmt(a) for a in r["rounds_acc"]["emulator_tuned"])]
+              for r in results if r.get("rounds_acc")]
+    curve_table = C.markdown_table(
+        ["split", "plug-in acc by round (round 0 = full zero-shot)",
+         "emulator + tuned acc by round (round 0 = emulator + original)"], curves)
     table = C.markdown_table(
         [*(["split (n middle, a bottom, b top)"] if sweep else ["emulator depth n"]),
          "client blocks (a + n + b)",
@@ -178,6 +199,7 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         f"lr {args.lr:g}, max length {args.max_length}, seed {args.seed}; accuracy = most "
         f"likely label (5 labels, chance 0.2), binomial s.e. at most {se:.3f} per number. "
         "Numbers after the last round; one federation per row.", "", table, "",
+        *(["By round:", "", curve_table, ""] if curves else []),
         f"Load average before / after: {load0} / {C.load_avg()}."])
     summary = []
     if results:
@@ -186,10 +208,12 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         if sweep:
             summary.append((
                 f"Offsite plug-in vs full zero-shot by split and distillation ({name}, "
-                f"{results[0]['layers']} blocks, BBC News)",
+                f"{results[0]['layers']} blocks, BBC News; distillation {args.distill_steps} "
+                f"steps, {args.rounds} rounds x {args.local_steps} local steps)",
                 "; ".join(f"{r['label']}: plug-in "
                           f"{C.fmt(r['plugin_accuracy'])} vs zero-shot "
-                          f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
+                          f"{C.fmt(r['full_zeroshot_accuracy'])}{best_round(r)}"
+                          for r in results)
                 + f"; largest gain at {best['label']}"))
         else:
             summary.append((
@@ -206,12 +230,20 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         "Plug-in above zero-shot at the deepest emulator but not at shallow ones means the "
         "adapters learnt the task but overfit the emulator's lossy middle (the paper's reason "
         "for distillation and deeper emulators); plug-in below zero-shot everywhere means the "
-        "training budget, not the emulator, limits the result."])
+        "training budget, not the emulator, limits the result.",
+        "A plug-in that peaks after an early round while emulator + tuned keeps rising means "
+        "the adapters first carry over to the full model, then overfit the emulator's "
+        "middle: fewer local steps, or keeping the round whose plug-in scores best on the "
+        "server's own validation data (early stopping), is what this budget calls for."])
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     load0 = C.load_avg()
+    if args.report_only:
+        report(args, json.loads(Path(args.report_only).read_text()), None,
+               write=not args.quick)
+        return
     model = C.resolve_model_arg(args.model)
     results = []
     for split in args.splits:

@@ -2,6 +2,7 @@
 emulator (the depth sweep itself runs in tests/test_notebooks_offsite.py)."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -42,10 +43,30 @@ def test_quick_split_sweep_distils_and_reports_the_four_numbers():
                           capture_output=True, text=True, cwd=ROOT, timeout=900,  # hang guard
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| n=")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| n=")]
+    rows = [line for line in lines if line.count("|") > 10]
     assert [r.split("|")[1].strip() for r in rows] == ["n=1 a=1 b=1 distilled", "n=0 a=1 b=1"]
+    curves = [line.split("|")[2].strip() for line in lines if line.count("|") == 4]
+    assert len(curves) == 2 and all(len(c.split("->")) == 2 for c in curves)  # rounds 0, 1
     first, last = (float(x) for x in rows[0].split("|")[3].split("->"))
     assert first > 0 and last > 0  # the distillation MSE was measured before federating
     assert rows[1].split("|")[3].strip() == "-"  # not distilled
     assert "across splits and distillation" in proc.stdout
     assert "plug-in - zero-shot (acc)" in proc.stdout
+
+
+def test_report_only_rebuilds_by_round_table_and_best_round(tmp_path):
+    res = {"n": 6, "a": 2, "b": 2, "distilled": True, "label": "n=6 a=2 b=2 distilled",
+           "layers": 30, "kept": [], "middle": 26, "wall_s": 60.0, "client_blocks": 10,
+           "distill_mse": [100.0, 1.0], "train_loss": 0.3,
+           "rounds_acc": {"emulator_tuned": [0.2, 0.5, 0.8], "plugin": [0.3, 0.36, 0.28]},
+           **{f"{w}_{m}": 0.3 for w in bench.FOUR for m in ("accuracy", "loss")}}
+    res["plugin_accuracy"] = 0.28
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([res]))
+    args = bench.parse_args(["--configs", "6/2/2/d", "--rounds", "2",
+                             "--report-only", str(path)])
+    text = bench.report(args, json.loads(path.read_text()), None, write=False)
+    assert "| n=6 a=2 b=2 distilled | 0.3 -> 0.36 -> 0.28 | 0.2 -> 0.5 -> 0.8 |" in text
+    assert "(best after round 1 of 2: plug-in 0.36)" in text
+    assert bench.best_round({**res, "rounds_acc": {"plugin": [0.3, 0.2, 0.4]}}) == ""
