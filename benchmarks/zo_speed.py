@@ -6,9 +6,9 @@ update), holding no copy of it (MeZO's memory). torch's CPU generator draws one 
 normals serially, so on a 135M model z generation costs more than the forwards.
 Two remedies, both giving the same weights bit for bit:
 
-- tensors' z are generated concurrently on ``torch.get_num_threads()`` threads
-  (:func:`fatellm_flwr.zo.for_each_tensor`, always on; ``zo.PARALLEL_Z = False`` restores
-  the one-thread behaviour for this comparison);
+- tensors' z are drawn ahead, concurrently, on ``torch.get_num_threads()`` worker threads
+  while the caller does the arithmetic (:func:`fatellm_flwr.zo.z_stream`, always on;
+  ``zo.PARALLEL_Z = False`` restores the one-thread behaviour for this comparison);
 - ``zo-cache-z=true`` generates z once per step and holds it (one copy of the tuned weights).
 
 Measured side by side, interleaved (so the machine's drift hits every arm alike): seconds

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch
@@ -31,11 +33,11 @@ __all__ = [
     "apply_seed_updates",
     "candidate_seeds",
     "direction_seed",
-    "for_each_tensor",
     "replay_steps",
     "sample_seed_indices",
     "seed_probabilities",
     "z_for",
+    "z_stream",
     "zo_parameters",
     "zo_step",
 ]
@@ -155,51 +157,58 @@ def z_for(shape: Sequence[int] | torch.Size, seed: int, param_index: int) -> tor
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def _z_like(p: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    z = z_for(p.shape, seed, index)
-    return z.to(device=p.device, dtype=p.dtype)
-
-
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 PARALLEL_MIN_NUMEL = 1 << 20
-"""Below this many elements in all, :func:`for_each_tensor` stays on the calling thread."""
+"""Below this many elements in all, :func:`z_stream` draws on the calling thread."""
 PARALLEL_Z = True
-"""Spread per-tensor z work over threads (:func:`for_each_tensor`); False = one thread, as
-before (kept for the side-by-side in ``benchmarks/zo_cache_z.py``)."""
+"""Draw z ahead on worker threads (:func:`z_stream`); False = on the calling thread, as
+before (kept for the side-by-side in ``benchmarks/zo_speed.py``)."""
+
+ZJob = tuple[Sequence[int] | torch.Size, int, int]
+"""``(shape, seed, param_index)``: the arguments of one :func:`z_for` call."""
 
 
-def for_each_tensor(fn: Callable[[int, torch.Tensor], None],
-                    tensors: Sequence[torch.Tensor]) -> None:
-    """Call ``fn(i, tensors[i])`` for every tensor, spread over ``torch.get_num_threads()``
-    threads.
+def z_stream(jobs: Sequence[ZJob]) -> Iterator[torch.Tensor]:
+    """``z_for(*job)`` for every job, in order, drawn ahead on worker threads.
 
-    torch's CPU generator draws one tensor's normals serially (mt19937), so regenerating z
-    for a model is single-threaded however many cores there are; the tensors' streams are
-    independent, so they are generated concurrently instead. Each tensor's operations are
-    unchanged (bit-identical results whatever the thread count); ``fn`` must only touch
-    tensor ``i``. The caller's grad mode (e.g. ``torch.no_grad``) holds in the workers. Models
-    under :data:`PARALLEL_MIN_NUMEL` elements stay on the calling thread.
+    torch's CPU generator draws one tensor's normals serially (mt19937), so regenerating z for
+    a model is single-threaded however many cores there are. The jobs' streams are independent,
+    so up to ``2 x torch.get_num_threads()`` of them are drawn concurrently while the caller
+    uses the earlier ones. Workers only run the generator; every arithmetic operation on the
+    weights stays on the calling thread in the same order (bit-identical results, no nested
+    intra-op thread teams). Jobs under :data:`PARALLEL_MIN_NUMEL` elements in all are drawn
+    on the calling thread.
     """
-    workers = min(torch.get_num_threads(), len(tensors)) if PARALLEL_Z else 1
-    if sum(p.numel() for p in tensors) < PARALLEL_MIN_NUMEL:
-        workers = 1  # tiny models: thread hand-offs would cost more than they save
-    if workers <= 1:
-        for i, p in enumerate(tensors):
-            fn(i, p)
+    workers = min(torch.get_num_threads(), len(jobs)) if PARALLEL_Z else 1
+    if workers <= 1 or sum(math.prod(shape) for shape, _, _ in jobs) < PARALLEL_MIN_NUMEL:
+        for job in jobs:
+            yield z_for(*job)
         return
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
             pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="zo-z")
-    grad = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's over
+    draw = z_for  # resolved once, so a patched z_for (tests) is used throughout
+    todo = iter(jobs)
+    pending = deque(pool.submit(draw, *job) for job in islice(todo, 2 * workers))
+    try:
+        while pending:
+            z = pending.popleft().result()
+            job = next(todo, None)
+            if job is not None:
+                pending.append(pool.submit(draw, *job))
+            yield z
+    finally:
+        for future in pending:
+            future.cancel()
 
-    def call(i: int, p: torch.Tensor) -> None:
-        with torch.set_grad_enabled(grad):
-            fn(i, p)
 
-    for future in [pool.submit(call, i, p) for i, p in enumerate(tensors)]:
-        future.result()  # re-raises a worker's error
+def _zs_like(tensors: Sequence[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
+    """Seed ``seed``'s z for every tensor, in order, on each tensor's device and dtype."""
+    jobs = [(p.shape, seed, i) for i, p in enumerate(tensors)]
+    for p, z in zip(tensors, z_stream(jobs)):
+        yield z.to(device=p.device, dtype=p.dtype)
 
 
 # --------------------------------------------------------------------------- probabilities
@@ -287,10 +296,8 @@ class SeedHistory:
 
 def _add_z(tensors: list[torch.Tensor], seed: int, scale: float,
            zs: list[torch.Tensor] | None) -> None:
-    def add(i: int, p: torch.Tensor) -> None:
-        p.add_(_z_like(p, seed, i) if zs is None else zs[i], alpha=scale)
-
-    for_each_tensor(add, tensors)
+    for p, z in zip(tensors, _zs_like(tensors, seed) if zs is None else zs):
+        p.add_(z, alpha=scale)
 
 
 def _restore_and_update(
@@ -336,14 +343,7 @@ def zo_step(
     with the same ``eps`` reproduces bit for bit.
     """
     tensors = _tensors(params)
-    zs: list[torch.Tensor] | None = None
-    if cache_z:
-        zs = [torch.empty(0)] * len(tensors)
-
-        def draw(i: int, p: torch.Tensor) -> None:
-            zs[i] = _z_like(p, seed, i)
-
-        for_each_tensor(draw, tensors)
+    zs = list(_zs_like(tensors, seed)) if cache_z else None
     _add_z(tensors, seed, eps, zs)
     loss_pos = float(loss_fn())
     _add_z(tensors, seed, -2.0 * eps, zs)
@@ -351,8 +351,8 @@ def zo_step(
     g: float | None = (loss_pos - loss_neg) / (2.0 * eps)
     if not math.isfinite(g) or (grad_clip > 0 and abs(g) > grad_clip):
         g = None
-    for_each_tensor(lambda i, p: _restore_and_update(
-        p, _z_like(p, seed, i) if zs is None else zs[i], eps, g, lr, weight_decay), tensors)
+    for p, z in zip(tensors, _zs_like(tensors, seed) if zs is None else zs):
+        _restore_and_update(p, z, eps, g, lr, weight_decay)
     return g
 
 
@@ -375,15 +375,11 @@ def replay_steps(
     """
     tensors = _tensors(params)
     for seed, g in steps:
-        def replay(i: int, p: torch.Tensor, seed: int = seed,
-                   g: float | None = None if g is None else float(g)) -> None:
-            z = _z_like(p, seed, i)
+        for p, z in zip(tensors, _zs_like(tensors, seed)):
             if eps:
                 p.add_(z, alpha=eps)
                 p.add_(z, alpha=-2.0 * eps)
-            _restore_and_update(p, z, eps, g, lr, weight_decay)
-
-        for_each_tensor(replay, tensors)
+            _restore_and_update(p, z, eps, None if g is None else float(g), lr, weight_decay)
 
 
 @torch.no_grad()
@@ -401,15 +397,13 @@ def apply_seed_updates(params: ParamList, updates: Mapping[int, float]) -> None:
     items = sorted((int(s), float(c)) for s, c in updates.items() if float(c) != 0.0)
     if not items:
         return
-    def update(i: int, p: torch.Tensor) -> None:
+    stream = z_stream([(p.shape, seed, i) for i, p in enumerate(tensors) for seed, _ in items])
+    for p in tensors:
         acc_dtype = torch.promote_types(p.dtype, torch.float32)
-        (seed, coeff), rest = items[0], items[1:]
-        delta = z_for(p.shape, seed, i).to(acc_dtype).mul_(coeff)
-        for seed, coeff in rest:
-            delta.add_(z_for(p.shape, seed, i), alpha=coeff)
+        delta = next(stream).to(acc_dtype).mul_(items[0][1])
+        for _, coeff in items[1:]:
+            delta.add_(next(stream), alpha=coeff)
         if p.dtype == acc_dtype:
             p.sub_(delta.to(p.device))
         else:  # low precision: one rounding of the summed update
             p.copy_(p.to(acc_dtype) - delta.to(p.device))
-
-    for_each_tensor(update, tensors)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .zo import apply_seed_updates, for_each_tensor, z_for, zo_parameters
+from .zo import apply_seed_updates, z_stream, zo_parameters
 
 
 class ZoModel:
@@ -62,20 +62,19 @@ class ZoModel:
                      scale: float) -> None:
         """``p <- scale p - sum c z`` on 2-D+ tensors, ``p <- p - sum c z`` on the others."""
         order = support[np.argsort(self.seeds[support], kind="stable")]
-
-        def update(i: int, p: torch.Tensor) -> None:
+        picks = [[j for j in order if (c_matrix if p.ndim >= 2 else c_vector)[j] != 0.0]
+                 for p in self.params]
+        stream = z_stream([(p.shape, int(self.seeds[j]), i)
+                           for i, p in enumerate(self.params) for j in picks[i]])
+        for p, js in zip(self.params, picks):
             matrix = p.ndim >= 2
             coeffs = c_matrix if matrix else c_vector
             acc_dtype = torch.promote_types(p.dtype, torch.float32)
             delta = torch.zeros(p.shape, dtype=acc_dtype)
-            for j in order:
-                if coeffs[j] != 0.0:
-                    delta.add_(z_for(p.shape, int(self.seeds[j]), i).to(acc_dtype),
-                               alpha=float(coeffs[j]))
+            for j in js:
+                delta.add_(next(stream).to(acc_dtype), alpha=float(coeffs[j]))
             new = p.to(acc_dtype) * (scale if matrix else 1.0) - delta.to(p.device)
             p.copy_(new)
-
-        for_each_tensor(update, self.params)
 
     def record_steps(self, indices: Sequence[int], gs: Sequence[float], lr: float,
                      weight_decay: float = 0.0) -> None:

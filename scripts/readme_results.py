@@ -39,8 +39,8 @@ INTRO = ("All on SmolLM2-135M-Instruct (134.5M parameters, 30 blocks) unless a r
 SECTIONS: list[tuple[str, list[str]]] = [
     ("**FedHomoLLM**", ["homo_comm", "homo_overhead", "homo_memory", "homo_quality"]),
     ("**Privacy**", ["privacy_dp_step", "privacy_secagg", "privacy_utility", "dp_grad_norms",
-                     "dp_settings"]),
-    ("**FedKSeed**", ["fedkseed_comm", "fedkseed_replay", "fedkseed_vs_lora"]),
+                     "dp_settings", "dp_settings_seeds"]),
+    ("**FedKSeed**", ["fedkseed_comm", "fedkseed_replay", "fedkseed_vs_lora", "zo_speed"]),
     ("**Offsite-tuning** (a=2, b=2, emulator n=6 of the 26 middle blocks unless a row sweeps n)",
      ["offsite", "offsite_quality", "offsite_depth", "offsite_split", "offsite_split_long",
       "offsite_distill_long"]),

@@ -363,7 +363,7 @@ def test_cache_z_is_bit_identical_and_generates_z_once_per_step(tiny_model_dir, 
 
 
 def test_threaded_z_work_is_bit_identical_to_one_thread(tiny_model_dir, monkeypatch):
-    """for_each_tensor spreads z generation over torch's thread count: every tensor's float
+    """z_stream draws z ahead on torch's thread count: every tensor's float
     operations are unchanged, so zo_step (cached or not), replay_steps and apply_seed_updates
     give the same bits with 1 and with 4 threads."""
     monkeypatch.setattr(zo, "PARALLEL_MIN_NUMEL", 0)  # thread the tiny model too
@@ -384,25 +384,26 @@ def test_threaded_z_work_is_bit_identical_to_one_thread(tiny_model_dir, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(out[1][1], out[4][1]))
 
 
-def test_for_each_tensor_visits_every_tensor_and_reraises(monkeypatch):
+def test_z_stream_yields_in_order_from_worker_threads_and_reraises(monkeypatch):
     monkeypatch.setattr(zo, "PARALLEL_MIN_NUMEL", 0)
     torch.set_num_threads(2)
     try:
-        seen: list[tuple[int, bool]] = []
-        with torch.no_grad():
-            zo.for_each_tensor(lambda i, p: seen.append((i, torch.is_grad_enabled())),
-                               [torch.zeros(1)] * 5)
-        assert sorted(seen) == [(i, False) for i in range(5)]
+        jobs = [((3, 2), 11, i) for i in range(9)]
+        got = list(zo.z_stream(jobs))
+        assert all(torch.equal(z, zo.z_for(*job)) for z, job in zip(got, jobs))
+        assert len(got) == 9
         threads: set[str] = set()
-        zo.for_each_tensor(lambda i, p: threads.add(threading.current_thread().name),
-                           [torch.zeros(1)] * 64)
-        assert any(t.startswith("zo-z") for t in threads)  # really ran on the pool
+        real = zo.z_for
 
-        def boom(i, p):
-            if i == 3:
-                raise ValueError("tensor 3")
+        def recording(shape, seed, index):
+            threads.add(threading.current_thread().name)
+            if index == 5:
+                raise ValueError("tensor 5")
+            return real(shape, seed, index)
 
-        with pytest.raises(ValueError, match="tensor 3"):
-            zo.for_each_tensor(boom, [torch.zeros(1)] * 5)
+        monkeypatch.setattr(zo, "z_for", recording)
+        with pytest.raises(ValueError, match="tensor 5"):
+            list(zo.z_stream(jobs))
+        assert threads and all(t.startswith("zo-z") for t in threads)  # drawn on the pool
     finally:
         torch.set_num_threads(1)
