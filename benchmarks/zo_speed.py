@@ -98,11 +98,12 @@ def main(argv=None) -> None:
                 cursor[name] += 1
         return lambda rep: timed(body, parallel, args.steps)
 
-    replay_params = params[next(iter(STEP_ARMS))]
+    names = list(STEP_ARMS)
+    ref = params[names[0]]  # replay runs on the first arm's weights, after the step arms
 
     def replay_arm(parallel: bool, sign: float):
         def body():
-            zo.apply_seed_updates(replay_params, {s: sign * 1e-6
+            zo.apply_seed_updates(ref, {s: sign * 1e-6
                                                   for s in seeds[-args.replay_seeds:]})
         return lambda rep: timed(body, parallel, args.replay_seeds)
 
@@ -110,8 +111,6 @@ def main(argv=None) -> None:
         for m in models.values():
             m(input_ids=ids)  # warm-up
     steps = C.Interleaved({name: step_arm(name) for name in STEP_ARMS}).run(args.repeats)
-    names = list(STEP_ARMS)
-    ref = params[names[0]]
     identical = all(all(torch.equal(a, b) for a, b in zip(ref, params[n])) for n in names[1:])
     if not identical:
         raise SystemExit("the arms' weights differ: threading and caching must be bit-exact")

@@ -363,7 +363,7 @@ def test_cache_z_is_bit_identical_and_generates_z_once_per_step(tiny_model_dir, 
 
 
 def test_threaded_z_work_is_bit_identical_to_one_thread(tiny_model_dir, monkeypatch):
-    """z_stream draws z ahead on torch's thread count: every tensor's float
+    """z_stream draws z ahead on torch.get_num_threads() workers: every tensor's float
     operations are unchanged, so zo_step (cached or not), replay_steps and apply_seed_updates
     give the same bits with 1 and with 4 threads."""
     monkeypatch.setattr(zo, "PARALLEL_MIN_NUMEL", 0)  # thread the tiny model too
