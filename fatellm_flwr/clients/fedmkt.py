@@ -12,6 +12,7 @@ the server's LLM through top-k logits on a public set (protocol: :mod:`..wire.fe
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -38,10 +39,10 @@ from ..wire.fedmkt import (
     encode_topk,
     topk_problem,
 )
-from .datasets import client_datasets
+from .datasets import client_datasets, per_tokenizer
 
 _INITIAL: dict[tuple, list[np.ndarray]] = {}  # SLM config -> its adapter as first loaded
-_PUBLIC: dict[tuple, list[dict]] = {}
+_PUBLIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see per_tokenizer
 _FALLBACK: dict[int, list[np.ndarray]] = {}  # adapter per partition when there is no context
 
 
@@ -65,12 +66,13 @@ class FedMKTClient(NumPyClient):
         _INITIAL.setdefault(self._init_key, get_trainable_state(self.model))
         self.task_data, self.train, self.val_raw, self.val = client_datasets(
             self.slm_cfg, self.tokenizer, partition_id, num_partitions)
-        key = (id(self.tokenizer), cfg.public_dataset, cfg.fedmkt_public_size, cfg.dataset,
-               cfg.test_size, cfg.max_length, cfg.seed, cfg.use_chat_template)
-        if key not in _PUBLIC:
+        public = per_tokenizer(_PUBLIC, self.tokenizer)
+        key = (cfg.public_dataset, cfg.fedmkt_public_size, cfg.dataset, cfg.test_size,
+               cfg.max_length, cfg.seed, cfg.use_chat_template)
+        if key not in public:
             pub_task, pub_raw = public_examples(cfg)
-            _PUBLIC[key] = encode_public(self.tokenizer, cfg, pub_task, pub_raw)
-        self.public = _PUBLIC[key]
+            public[key] = encode_public(self.tokenizer, cfg, pub_task, pub_raw)
+        self.public = public[key]
 
     # ------------------------------------------------------------------ node state
     def _restore(self) -> None:

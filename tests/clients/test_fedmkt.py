@@ -57,3 +57,17 @@ def test_node_config_and_bad_payload(cfg):
                         np.full((len(e["input_ids"]), 3), 10 ** 6)) for e in client.public])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         client.evaluate(bad, {"server-round": 1, KEY_TEACHER: True})
+
+
+def test_alternating_slms_get_their_own_public_encoding(tmp_path, cfg):
+    """One actor serving clients of two SLM families in turn (one model kept at a time):
+    each client's public set is encoded by its own tokenizer."""
+    from fatellm_flwr.fedmkt import encode_public, public_examples
+
+    other = build_tiny_model("qwen2", tmp_path / "qwen2", num_layers=1)
+    mixed = cfg.replace(slm_models=f"{cfg.slm_model_list[0]},{other}")
+    for pid in (0, 1, 0, 1):
+        client = FedMKTClient(mixed, pid, 2, context=ctx())
+        assert client.slm == mixed.slm_model_list[pid]
+        task, raw = public_examples(mixed)
+        assert client.public == encode_public(client.tokenizer, mixed, task, raw), pid
