@@ -23,6 +23,11 @@ steps and learning rate at every depth.
     python benchmarks/offsite_depth.py                         # SmolLM2, BBC News
     python benchmarks/offsite_depth.py --model tiny --quick    # pipeline check
     python benchmarks/offsite_depth.py --configs 6/2/2/d,6/4/4,2/6/6 --name offsite_split
+
+``--val-size N`` holds out N more examples as the server's validation set
+(``server-val-size``) and keeps the round whose plug-in scores best on it
+(``best-metric``, early stopping); the report then adds the plug-in's *test* numbers at
+that round, which the selection never saw.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-examples", type=int, default=400)
     p.add_argument("--test-size", type=int, default=100)
+    p.add_argument("--val-size", type=int, default=0, help="server validation examples "
+                   "(server-val-size); > 0 keeps the best round by --best-metric")
+    p.add_argument("--best-metric", default="server_val_accuracy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quick", action="store_true", help="tiny settings, results not written")
@@ -122,7 +130,9 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
         "max-examples": args.max_examples, "test-size": args.test_size, "seed": args.seed,
         "partitioner": "iid", "min-fit-clients": args.clients,
         "min-available-clients": args.clients, "fraction-evaluate": 0.0,
-        "save-every-round": False, "plots": False, "num-threads": args.threads})
+        "save-every-round": False, "plots": False, "num-threads": args.threads,
+        "server-val-size": args.val_size,
+        "best-metric": args.best_metric if args.val_size else ""})
     torch.set_num_threads(args.threads)
     clear_model_cache()
     out = tempfile.mkdtemp(prefix=f"offsite-depth-{n}-{a}-{b}-")
@@ -144,6 +154,12 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
            "rounds_acc": {w: [r.get(f"server_{w}_accuracy") for r in strategy.run.records]
                           for w in ("emulator_tuned", "plugin")},
            **{f"{w}_{m}": last.get(f"server_{w}_{m}") for w in FOUR for m in ("accuracy", "loss")}}
+    if args.val_size:  # the round kept in best/, chosen on validation; its test numbers
+        chosen = next(r for r in strategy.run.records if r["round"] == last["best_round"])
+        res.update({"val_acc": [r.get("server_val_accuracy") for r in strategy.run.records],
+                    "chosen_round": chosen["round"],
+                    "chosen_plugin_accuracy": chosen["server_plugin_accuracy"],
+                    "chosen_plugin_loss": chosen["server_plugin_loss"]})
     print(f"[{label(split)}] {json.dumps(res)}", flush=True)
     return res
 
@@ -168,12 +184,23 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         rows.append([*head, f"{r['client_blocks']} of {r['layers']}", *mse,
                      *(C.fmt(r[f"{w}_{m}"]) for w in FOUR for m in ("accuracy", "loss")),
                      f"{gap:+.2f}", C.fmt(r["train_loss"]), C.fmt_duration(r["wall_s"])])
+    validated = [r for r in results if r.get("chosen_round") is not None]
     curves = [[r["label"], " -> ".join(C.fmt(a) for a in r["rounds_acc"]["plugin"]),
-               " -> ".join(C.fmt(a) for a in r["rounds_acc"]["emulator_tuned"])]
+               " -> ".join(C.fmt(a) for a in r["rounds_acc"]["emulator_tuned"]),
+               *([" -> ".join(C.fmt(a) for a in r["val_acc"])] if validated else [])]
               for r in results if r.get("rounds_acc")]
     curve_table = C.markdown_table(
         ["split", "plug-in acc by round (round 0 = full zero-shot)",
-         "emulator + tuned acc by round (round 0 = emulator + original)"], curves)
+         "emulator + tuned acc by round (round 0 = emulator + original)",
+         *([f"plug-in validation acc by round ({args.val_size} examples)"] if validated
+           else [])], curves)
+    chosen_table = C.markdown_table(
+        ["split", f"round kept (best {args.best_metric})", "plug-in test acc there", "loss",
+         "full zero-shot acc", "plug-in - zero-shot (acc)"],
+        [[r["label"], r["chosen_round"], C.fmt(r["chosen_plugin_accuracy"]),
+          C.fmt(r["chosen_plugin_loss"]), C.fmt(r["full_zeroshot_accuracy"]),
+          f"{r['chosen_plugin_accuracy'] - r['full_zeroshot_accuracy']:+.2f}"]
+         for r in validated])
     table = C.markdown_table(
         [*(["split (n middle, a bottom, b top)"] if sweep else ["emulator depth n"]),
          "client blocks (a + n + b)",
@@ -194,12 +221,18 @@ def report(args, results: list[dict], load0, write: bool) -> str:
                 f"FedAvg), emulator = n middle blocks by uniform layer drop (no distillation)")
     body = "\n".join([
         f"Model `{args.model}`, {what}; BBC News (builtin), {args.max_examples} articles, "
-        f"{args.test_size} held out for the server, the rest IID over {args.clients} clients; "
+        f"{args.test_size} held out for the server"
+        + (f" + {args.val_size} for its validation" if args.val_size else "")
+        + f", the rest IID over {args.clients} clients; "
         f"{args.rounds} rounds x {args.local_steps} local steps, batch {args.batch_size}, AdamW "
         f"lr {args.lr:g}, max length {args.max_length}, seed {args.seed}; accuracy = most "
         f"likely label (5 labels, chance 0.2), binomial s.e. at most {se:.3f} per number. "
         "Numbers after the last round; one federation per row.", "", table, "",
         *(["By round:", "", curve_table, ""] if curves else []),
+        *([f"Early stopping: the round whose plug-in scored best on the server's "
+           f"{args.val_size} validation examples (held out of the clients' pool, disjoint "
+           "from the test set; `server-val-size`, `best-metric`), and its test numbers:", "",
+           chosen_table, ""] if validated else []),
         f"Load average before / after: {load0} / {C.load_avg()}."])
     summary = []
     if results:
@@ -222,6 +255,15 @@ def report(args, results: list[dict], load0, write: bool) -> str:
                 "; ".join(f"n={r['n']}: plug-in {C.fmt(r['plugin_accuracy'])} vs zero-shot "
                           f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
                 + f"; largest gain at n={best['n']}"))
+        if validated:
+            summary.append((
+                f"Offsite plug-in at the round kept by early stopping ({args.best_metric} on "
+                f"{args.val_size} validation examples; test numbers)",
+                "; ".join(f"{r['label']}: round {r['chosen_round']}, plug-in "
+                          f"{C.fmt(r['chosen_plugin_accuracy'])} vs zero-shot "
+                          f"{C.fmt(r['full_zeroshot_accuracy'])} "
+                          f"({r['chosen_plugin_accuracy'] - r['full_zeroshot_accuracy']:+.2f})"
+                          for r in validated)))
     title = ("Offsite-tuning: plug-in vs zero-shot across splits and distillation" if sweep
              else "Offsite-tuning: plug-in vs zero-shot across emulator depths")
     return C.emit(args.name, title, body, C.command_line(), write=write, summary=summary, notes=[

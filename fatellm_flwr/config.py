@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ class Config:
                                     "data); empty = hold out test-size examples of `dataset` "
                                     "(simulation); `none` = the server holds no data and relies "
                                     "on the clients' aggregated evaluation (fraction-evaluate).")
+    server_val_size: int = _opt(0, "Examples held out for the server's validation, disjoint "
+                                "from the test set and from every client's data (out of "
+                                "`dataset`'s training pool, or out of server-eval-dataset when "
+                                "set); the global state is evaluated on them every round "
+                                "(`server_val_*`), e.g. to keep the best round (best-metric). "
+                                "0 = none.", low=0)
     node_data_path: str = _opt("", "Simulated organisations' own files: a path containing "
                                "`{partition-id}` (e.g. `data/org-{partition-id}.jsonl`); each "
                                "node reads only its file, nothing is partitioned. A SuperNode's "
@@ -351,6 +358,14 @@ class Config:
     run_name: str = _opt("", "Run folder name (empty = algorithm + timestamp).")
     resume_from: str = _opt("", "A previous run folder: continue from its last round.")
     save_every_round: bool = _opt(True, "Save the global adapter/model after every round.")
+    best_metric: str = _opt("", "Keep the round that scores best on this round metric in "
+                            "`best/` (the same artefact as `round-XXX/`): `server_val_<m>` "
+                            "(needs server-val-size > 0) or `eval_<m>` (the clients' "
+                            "aggregated validation, needs fraction-evaluate > 0), e.g. "
+                            "`server_val_accuracy`; names ending in loss or perplexity are "
+                            "minimised, the rest maximised. Test metrics (`server_<m>`) are "
+                            "not allowed: selecting on them biases the reported test numbers. "
+                            "Empty = off.")
     plots: bool = _opt(True, "Write PNG plots at the end of the run.")
     tracker: str = _opt("none", "Experiment tracker for round metrics, bytes, epsilon and "
                         "timings: tensorboard (event files in the run folder), mlflow or wandb "
@@ -452,6 +467,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"run-config key 'device' has value {self.device!r}; allowed: "
                               "auto, cpu, cuda, cuda:N (N = GPU index), mps") from e
+        self._check_best_metric()
         if self.node_data_path and "{partition-id}" not in self.node_data_path:
             raise ConfigError(f"run-config key 'node-data-path' has value "
                               f"{self.node_data_path!r}; it must contain '{{partition-id}}'")
@@ -506,6 +522,34 @@ class Config:
                 f"secagg-reconstruction-threshold={self.secagg_reconstruction_threshold} "
                 f"exceeds secagg-num-shares={self.secagg_num_shares}")
 
+
+    def _check_best_metric(self) -> None:
+        """server-val-size / best-metric combinations that cannot run."""
+        if self.server_val_size and self.server_eval_dataset == "none":
+            raise ConfigError(f"server-val-size={self.server_val_size} needs data on the "
+                              "server, but server-eval-dataset='none'; set server-val-size=0 "
+                              "(best-metric can use the clients' `eval_<m>` instead)")
+        m = self.best_metric
+        if not m:
+            return
+        if not re.fullmatch(r"(server_val|eval)_[a-z0-9_]+", m):
+            raise ConfigError(f"run-config key 'best-metric' has value {m!r}; allowed: "
+                              "server_val_<metric> (e.g. server_val_accuracy, server_val_loss)"
+                              " or eval_<metric> (e.g. eval_loss), or empty; test metrics "
+                              "(server_<metric>) would bias the reported test numbers")
+        if m.startswith("server_val_") and self.server_val_size == 0:
+            raise ConfigError(f"best-metric={m!r} needs server-val-size > 0 (the server's "
+                              "validation set), got 0")
+        if m.startswith("eval_") and self.fraction_evaluate == 0:
+            raise ConfigError(f"best-metric={m!r} needs the clients' evaluation: "
+                              "fraction-evaluate > 0, got 0")
+        if m.startswith("eval_") and self.algorithm == "fedmkt":
+            raise ConfigError(f"best-metric={m!r}: FedMKT's clients evaluate their own small "
+                              "LMs, not the server's LLM; use server_val_<metric> (with "
+                              "server-val-size > 0)")
+        if self.algorithm == "inferdpt":
+            raise ConfigError("best-metric does not apply to algorithm='inferdpt': it trains "
+                              "nothing, so there is no round to select")
 
     def _check_fedipr_inferdpt(self) -> None:
         """FedIPR and InferDPT combinations that cannot run."""

@@ -71,7 +71,7 @@ def node_local_config(cfg: Config, node_config) -> Config | None:
         return None
     if not Path(path).is_file():
         raise DataError(f"{where}={path!r}: no such file on this node")
-    changes: dict[str, Any] = {"dataset": path, "test_size": 0}
+    changes: dict[str, Any] = {"dataset": path, "test_size": 0, "server_val_size": 0}
     for key in NODE_DATA_COLUMNS:
         if node_config.get(key):
             changes[key.replace("-", "_")] = str(node_config[key])
@@ -394,11 +394,17 @@ def split_pool_and_test(cfg: Config) -> tuple[TaskData, datasets.Dataset, datase
     """Load and check ``cfg.dataset``; hold out the server's test set (stratified).
 
     Returns ``(task_data, pool, test, partition_by)``: the clients partition ``pool``.
+    With ``server-val-size`` > 0 the server's validation set (:func:`server_val_set`) is
+    carved out of the pool after the test split, so the test set does not change with it.
     Cached per process: server and clients derive the same split from the seed.
     """
+    return _split(cfg)[:4]
+
+
+def _split(cfg: Config) -> tuple:
     key = (cfg.dataset, cfg.dataset_split, cfg.task, cfg.text_column, cfg.label_column,
            cfg.labels, cfg.instruction_column, cfg.output_column, cfg.max_examples, cfg.test_size,
-           cfg.partitioner, cfg.partition_column, cfg.seed)
+           cfg.server_val_size, cfg.partitioner, cfg.partition_column, cfg.seed)
     if key not in _SPLIT_CACHE:
         _SPLIT_CACHE.clear()
         _SPLIT_CACHE[key] = _split_pool_and_test(cfg)
@@ -430,28 +436,38 @@ def _split_pool_and_test(cfg: Config):
     if strat is not None:
         raw = raw.class_encode_column(strat)
     raw = _stratified_subset(raw, cfg.max_examples, strat, cfg.seed)
-    if cfg.test_size >= len(raw):
-        raise DataError(f"test-size={cfg.test_size} leaves no training data out of "
-                        f"{len(raw)} examples")
-    if cfg.test_size > 0:
-        try:
-            split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed,
-                                         stratify_by_column=strat)
-        except ValueError as e:
-            log.warning("test-size=%d: a test set stratified by %r is impossible (%s); holding "
-                        "out a random test set instead, so its class balance may differ from "
-                        "the data's", cfg.test_size, strat, e)
-            split = raw.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
-        pool, test = split["train"], split["test"]
-    else:
-        pool, test = raw, raw.select([])
+    if cfg.test_size + cfg.server_val_size >= len(raw):
+        held = (f"test-size={cfg.test_size} and server-val-size={cfg.server_val_size} leave"
+                if cfg.server_val_size else f"test-size={cfg.test_size} leaves")
+        raise DataError(f"{held} no training data out of {len(raw)} examples")
+    pool, test = _hold_out(raw, cfg.test_size, strat, cfg.seed, "test-size")
+    # the validation set comes out of the pool: the test set is the same with or without it
+    pool, val = _hold_out(pool, cfg.server_val_size, strat, cfg.seed, "server-val-size")
     if strat is not None:  # back to label words for prompts
         names = pool.features[strat].names
-        pool = pool.cast_column(strat, datasets.Value("int64")).map(
-            lambda r: {strat: names[r[strat]]}, load_from_cache_file=False)
-        test = test.cast_column(strat, datasets.Value("int64")).map(
-            lambda r: {strat: names[r[strat]]}, load_from_cache_file=False)
-    return TaskData(task, label_names), pool, test, partition_by
+
+        def words(ds: datasets.Dataset) -> datasets.Dataset:
+            return ds.cast_column(strat, datasets.Value("int64")).map(
+                lambda r: {strat: names[r[strat]]}, load_from_cache_file=False)
+
+        pool, test, val = words(pool), words(test), words(val)
+    return TaskData(task, label_names), pool, test, partition_by, val
+
+
+def _hold_out(raw: datasets.Dataset, size: int, strat: str | None, seed: int,
+              key: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(rest, held out)``: ``size`` examples held out of ``raw``, stratified by ``strat``
+    when the classes allow it."""
+    if size <= 0:
+        return raw, raw.select([])
+    try:
+        split = raw.train_test_split(test_size=size, seed=seed, stratify_by_column=strat)
+    except ValueError as e:
+        log.warning("%s=%d: a held-out set stratified by %r is impossible (%s); holding out a "
+                    "random set instead, so its class balance may differ from the data's",
+                    key, size, strat, e)
+        split = raw.train_test_split(test_size=size, seed=seed)
+    return split["train"], split["test"]
 
 
 def build_federated_data(cfg: Config, num_partitions: int) -> FederatedData:
@@ -465,7 +481,8 @@ def build_federated_data(cfg: Config, num_partitions: int) -> FederatedData:
     )
 
     if num_partitions == NODE_LOCAL:
-        task_data, pool, test, _ = split_pool_and_test(cfg.replace(test_size=0))
+        task_data, pool, test, _ = split_pool_and_test(cfg.replace(test_size=0,
+                                                                   server_val_size=0))
         if task_data.task == "classification" and not cfg.label_list:
             raise DataError(
                 f"this SuperNode reads its own data ({cfg.dataset!r}): classification needs "
@@ -530,9 +547,25 @@ def server_eval_sets(cfg: Config) -> tuple[TaskData | None, datasets.Dataset]:
         return task_data, test
     if ref == "none":
         return None, datasets.Dataset.from_dict({})
-    own = cfg.replace(dataset=ref, test_size=0, max_examples=cfg.test_size)
-    task_data, pool, _, _ = split_pool_and_test(own)
+    task_data, pool, _, _ = split_pool_and_test(_server_own(cfg))
     return task_data, pool
+
+
+def _server_own(cfg: Config) -> Config:
+    """``server-eval-dataset`` as a dataset of its own: test-size examples for the test and
+    server-val-size more for validation."""
+    return cfg.replace(dataset=cfg.server_eval_dataset, test_size=0,
+                       max_examples=cfg.test_size + cfg.server_val_size)
+
+
+def server_val_set(cfg: Config) -> tuple[TaskData | None, datasets.Dataset]:
+    """``(task data, raw validation set)``: server-val-size examples the server may select a
+    round on (``best-metric``), disjoint from its test set and from every client's data:
+    carved out of ``dataset``'s pool, or out of ``server-eval-dataset`` when that is set."""
+    if cfg.server_val_size <= 0 or cfg.server_eval_dataset == "none":
+        return None, datasets.Dataset.from_dict({})
+    split = _split(cfg if cfg.server_eval_dataset == "" else _server_own(cfg))
+    return split[0], split[4]
 
 
 _DATA_CACHE: dict[tuple, FederatedData] = {}

@@ -67,7 +67,8 @@ def public_examples(cfg: Config):
         task_data, _, test, _ = split_pool_and_test(cfg)
         return task_data, test.select(range(min(cfg.fedmkt_public_size, len(test))))
     own = cfg.replace(dataset=cfg.public_dataset, test_size=0,
-                      max_examples=cfg.fedmkt_public_size, server_eval_dataset="")
+                      max_examples=cfg.fedmkt_public_size, server_eval_dataset="",
+                      server_val_size=0)
     task_data, pool, _, _ = split_pool_and_test(own)
     return task_data, pool.select(range(min(cfg.fedmkt_public_size, len(pool))))
 

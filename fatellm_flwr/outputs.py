@@ -28,6 +28,7 @@ MODEL_MANIFEST = "fatellm-model.json"
 PEFT_ADAPTER = "peft-adapter"  # adapter_config.json + weights; base model named in the manifest
 FULL_MODEL = "full-model"  # a complete transformers model folder
 ZO_COEFFICIENTS = "fedkseed-coefficients"  # FedKSeed's C: replayed onto the base model
+COEFFS_FILE = "fedkseed-coefficients.npz"  # the file that holds it
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

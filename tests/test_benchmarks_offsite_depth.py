@@ -39,15 +39,21 @@ def test_bad_configs_name_the_item(bad):
 
 def test_quick_split_sweep_distils_and_reports_the_four_numbers():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offsite_depth.py"),
-                           "--model", "tiny", "--quick", "--configs", "any"],
+                           "--model", "tiny", "--quick", "--configs", "any", "--val-size", "8"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900,  # hang guard
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| n=")]
     rows = [line for line in lines if line.count("|") > 10]
     assert [r.split("|")[1].strip() for r in rows] == ["n=1 a=1 b=1 distilled", "n=0 a=1 b=1"]
-    curves = [line.split("|")[2].strip() for line in lines if line.count("|") == 4]
+    curves = [line.split("|")[2].strip() for line in lines if line.count("|") == 5]
     assert len(curves) == 2 and all(len(c.split("->")) == 2 for c in curves)  # rounds 0, 1
+    # early stopping: the round kept on validation, and the plug-in's test accuracy there
+    kept = [line.split("|") for line in lines if line.count("|") == 7]
+    assert len(kept) == 2 and "Early stopping" in proc.stdout
+    for row, curve in zip(kept, curves):
+        chosen = int(row[2])
+        assert chosen in (0, 1) and float(row[3]) == float(curve.split("->")[chosen])
     first, last = (float(x) for x in rows[0].split("|")[3].split("->"))
     assert first > 0 and last > 0  # the distillation MSE was measured before federating
     assert rows[1].split("|")[3].strip() == "-"  # not distilled

@@ -56,6 +56,25 @@ def test_bad_combinations():
         Config.from_run_config({"aggregator": "fedprox"})
 
 
+def test_best_metric_and_server_validation_combinations():
+    ok = Config.from_run_config({"server-val-size": 10, "best-metric": "server_val_accuracy"})
+    assert (ok.server_val_size, ok.best_metric) == (10, "server_val_accuracy")
+    with pytest.raises(ConfigError, match=r"'best-metric' has value 'server_accuracy'.*"
+                                          r"server_val_<metric>.*bias"):
+        Config.from_run_config({"best-metric": "server_accuracy"})
+    with pytest.raises(ConfigError, match="needs server-val-size > 0"):
+        Config.from_run_config({"best-metric": "server_val_loss"})
+    with pytest.raises(ConfigError, match="fraction-evaluate > 0, got 0"):
+        Config.from_run_config({"best-metric": "eval_loss", "fraction-evaluate": 0.0})
+    with pytest.raises(ConfigError, match="server-val-size=5 needs data on the server"):
+        Config.from_run_config({"server-val-size": 5, "server-eval-dataset": "none"})
+    with pytest.raises(ConfigError, match="FedMKT's clients evaluate their own"):
+        Config.from_run_config({"algorithm": "fedmkt", "slm-models": "x",
+                                "best-metric": "eval_loss", "fraction-evaluate": 1.0})
+    with pytest.raises(ConfigError, match=r"'server-val-size' has value -1"):
+        Config.from_run_config({"server-val-size": -1})
+
+
 def test_int_accepts_integral_float_and_bool_strings():
     cfg = Config.from_run_config({"lora-r": 4.0, "plots": "false"})
     assert cfg.lora_r == 4 and cfg.plots is False

@@ -130,7 +130,7 @@ def test_unstratifiable_test_set_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fatellm_flwr.data"):
         _, pool, test, _ = split_pool_and_test(cfg)
     assert len(pool) == 15 and len(test) == 5
-    assert "test-size=5: a test set stratified by 'label' is impossible" in caplog.text
+    assert "test-size=5: a held-out set stratified by 'label' is impossible" in caplog.text
 
 
 def test_partition_too_small_for_validation_warns(tmp_path, caplog):
@@ -173,6 +173,31 @@ def test_iid_partitions_cover_the_pool_and_hold_out_the_test_set(tmp_path):
     assert set(data.test["label"]) == set(LABELS)
     train, val = data.client_split(0, 0.2, seed=0)
     assert len(val) == int(sizes[0] * 0.2) and len(train) + len(val) == sizes[0]
+
+
+def test_server_validation_set_is_disjoint_and_leaves_the_test_set_unchanged(tmp_path):
+    from fatellm_flwr.data import server_eval_sets, server_val_set
+
+    path = write_classification(tmp_path / "d.jsonl")
+    _, test_before = server_eval_sets(_cfg(path))
+    assert server_val_set(_cfg(path))[1].num_rows == 0  # off by default
+    cfg = _cfg(path, **{"server-val-size": 16, "partitioner": "iid"})
+    task, val = server_val_set(cfg)
+    _, test = server_eval_sets(cfg)
+    data = build_federated_data(cfg, 4)
+    assert task.task == "classification" and len(val) == 16 and set(val["label"]) == set(LABELS)
+    assert test["text"] == test_before["text"]  # the same test set with or without it
+    assert len(data.pool) == 200 - 20 - 16
+    assert not set(val["text"]) & (set(test["text"]) | set(data.pool["text"]))
+    # server-eval-dataset: test-size examples for the test, server-val-size more for val
+    own = write_classification(tmp_path / "own.jsonl", n=100, seed=1)
+    cfg = _cfg(path, **{"server-val-size": 10, "server-eval-dataset": str(own)})
+    _, own_test = server_eval_sets(cfg)
+    _, own_val = server_val_set(cfg)
+    assert (len(own_test), len(own_val)) == (20, 10)
+    assert not set(own_val["text"]) & set(own_test["text"])
+    with pytest.raises(DataError, match="server-val-size=190 leave no training data"):
+        build_federated_data(_cfg(path, **{"server-val-size": 190}), 2)
 
 
 def test_dirichlet_skews_labels(tmp_path):

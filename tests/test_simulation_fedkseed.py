@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from fatellm_flwr.outputs import COEFFS_FILE, ZO_COEFFICIENTS
+
 STEPS = 20
 
 
@@ -19,7 +21,8 @@ def test_fedkseed_simulation_loss_goes_down_and_bytes_stay_tiny(
                     "local-steps": STEPS, "batch-size": 4, "max-length": 64,
                     "zo-lr": 1e-3, "zo-eps": 1e-3, "zo-num-seeds": 4096,
                     "min-fit-clients": 3, "min-available-clients": 3,
-                    "output-dir": str(out), "run-name": "fk"})
+                    "output-dir": str(out), "run-name": "fk",
+                    "server-val-size": 10, "best-metric": "server_val_loss"})
     assert "FedKSeed: K=4096 seeds" in log
     run = out / "fk"
     records = json.loads((run / "metrics.json").read_text())
@@ -37,6 +40,11 @@ def test_fedkseed_simulation_loss_goes_down_and_bytes_stay_tiny(
     assert records[1]["bytes_down_per_client"] == 0  # round 1: x0 and uniform sampling
     assert records[3]["fit_zo_full_rebuild"] == 0  # round 3: only round 2's difference
     assert json.loads((run / "checkpoint.json").read_text())["round"] == 3
+    # best/ (by the server's validation loss): the round's coefficients, a few KB
+    chosen = min(records, key=lambda r: r["server_val_loss"])["round"]
+    manifest = json.loads((run / "best" / "fatellm-model.json").read_text())
+    assert manifest["round"] == chosen == records[-1]["best_round"]
+    assert manifest["format"] == ZO_COEFFICIENTS and (run / "best" / COEFFS_FILE).exists()
     # the full model was saved and loads with plain transformers
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     x0 = AutoModelForCausalLM.from_pretrained(model)

@@ -19,6 +19,10 @@ FOUR = ("full_zeroshot", "emulator_original", "emulator_tuned", "plugin")
 def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, lora, secagg):
     dp = {"client-dp": "client-fixed", "client-dp-clip-norm": 100.0,
           "client-dp-noise-multiplier": 0.01} if secagg else {}
+    # keep the best round, selected on the server's validation set (12 examples out of the
+    # clients' pool) or on the clients' aggregated validation loss
+    best = {"best-metric": "eval_loss"} if secagg else {"best-metric": "server_val_loss",
+                                                        "server-val-size": 12}
     model = build_tiny_model(arch, tmp_path / f"deep-{arch}", num_layers=8)
     out = tmp_path / "out"
     run_flwr({"algorithm": "offsite", "model": str(model),
@@ -28,7 +32,7 @@ def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, 
               "fraction-evaluate": 1.0, "min-available-clients": 3, "min-fit-clients": 3,
               "partitioner": "iid", "offsite-bottom": 2, "offsite-top": 2,
               "offsite-emulator-layers": 2, "offsite-lora": lora, "plots": False,
-              "secure-aggregation": secagg, **dp})
+              "secure-aggregation": secagg, **dp, **best})
     run = out / "r"
     records = json.loads((run / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -70,4 +74,12 @@ def test_offsite_simulation(run_flwr, tiny_classification_file, tmp_path, arch, 
     final_params = dict(final.named_parameters())
     assert all(torch.equal(final_params[n], p) for n, p in outside.items())
     assert (run / "round-002" / "config.json").exists()
+    metric = best["best-metric"]
+    scored = [r for r in records if metric in r]
+    assert len(scored) == (2 if secagg else 3)  # clients evaluate after rounds 1 and 2 only
+    chosen = min(scored, key=lambda r: r[metric])["round"]
+    assert all(r["best_round"] == min((q for q in scored if q["round"] <= r["round"]),
+                                      key=lambda q: q[metric])["round"] for r in scored)
+    manifest = json.loads((run / "best" / "fatellm-model.json").read_text())
+    assert manifest["round"] == chosen and (run / "best" / "config.json").exists()
     assert json.loads((run / "checkpoint.json").read_text())["round"] == 2

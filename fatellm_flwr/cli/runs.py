@@ -19,6 +19,7 @@ from typing import Any
 from ..config import Config
 from ..outputs import (
     CHECKPOINT,
+    COEFFS_FILE,
     FINAL,
     FULL_MODEL,
     METRICS_JSON,
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # the headline metric of a run, in order of preference
 HEADLINE = ("server_accuracy", "server_rouge-l", "server_perplexity", "server_loss")
-COEFFS_FILE = "fedkseed-coefficients.npz"
 
 
 class RunError(RuntimeError):

@@ -11,6 +11,8 @@ adds what a real run needs around it, each piece in its own module:
   round in the run folder;
 - :mod:`.evaluation`: the server evaluates the global state every round (round 0 = the
   untrained start) with an injected ``evaluate_fn`` (as Flower's strategies do);
+- :mod:`.best`: with ``best-metric``, the round that scores best on validation data is
+  kept in ``best/``;
 - :mod:`.checkpoint`: each completed round is checkpointed atomically with the server
   optimizer's state, so ``resume-from`` continues exactly where a run stopped;
 - :mod:`.outbox`: records a node needs once travel in their own records, not in
@@ -24,6 +26,7 @@ import hashlib
 import json
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +45,7 @@ from flwr.server.strategy import Strategy
 
 from ..config import Config
 from ..metrics import CommLedger
-from ..outputs import RunDir
+from ..outputs import FINAL, RunDir
 from ..wire.common import (
     KEY_ADAPTIVE,
     KEY_SERVER_ROUND,
@@ -54,6 +57,7 @@ from ..wire.common import (
     parameters_nbytes,
 )
 from . import checkpoint
+from .best import BEST, BEST_ROUND, best_round, improves
 from .evaluation import EvaluateFn, HeldOutSet
 from .outbox import NodeOutbox
 from .records import RoundRecords, failed_nodes, weighted_mean_metrics
@@ -67,14 +71,16 @@ class TrackedStrategy(Strategy):
     """A Flower strategy with validation, accounting, evaluation and checkpoints.
 
     ``evaluate_fn`` (``arrays -> metrics``, ``loss`` first) evaluates the global state on
-    the server; subclasses may instead override :meth:`evaluate_global`, and implement
-    :meth:`save_round`; they may override :meth:`check_result` / :meth:`fit_config` /
-    :meth:`strategy_state`.
+    the server's test set, ``validate_fn`` on its validation set (``server-val-size``);
+    subclasses may instead override :meth:`evaluate_global` / :meth:`validate_global`, and
+    implement :meth:`save_round`; they may override :meth:`check_result` /
+    :meth:`fit_config` / :meth:`strategy_state`.
     """
 
     def __init__(self, cfg: Config, inner: Strategy, run: RunDir, initial: list[np.ndarray],
                  full_model_bytes: int, round_offset: int = 0,
-                 ledger: CommLedger | None = None, evaluate_fn: EvaluateFn | None = None):
+                 ledger: CommLedger | None = None, evaluate_fn: EvaluateFn | None = None,
+                 validate_fn: EvaluateFn | None = None):
         super().__init__()
         self.cfg = cfg
         self.inner = inner
@@ -83,7 +89,7 @@ class TrackedStrategy(Strategy):
         self.round_offset = round_offset
         self.ledger = ledger or CommLedger(full_model_bytes)
         self.ledger.full_model_bytes = full_model_bytes
-        self.evaluate_fn = evaluate_fn
+        self.evaluate_fn, self.validate_fn = evaluate_fn, validate_fn
         self.records = RoundRecords(run)
         self._pending = self.records.pending  # a round's values until it is recorded
         self._instructed: dict[int, set[str]] = {}  # nodes sent a fit instruction, per round
@@ -102,8 +108,14 @@ class TrackedStrategy(Strategy):
         """Server-side metrics of the global state (``loss`` first): ``evaluate_fn``'s."""
         return self.evaluate_fn(arrays) if self.evaluate_fn is not None else {}
 
-    def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
-        """Write the round's global artefact (adapter/model) under the run folder."""
+    def validate_global(self, arrays: list[np.ndarray]) -> dict[str, float]:
+        """Metrics of the global state on the server's validation set: ``validate_fn``'s."""
+        return self.validate_fn(arrays) if self.validate_fn is not None else {}
+
+    def save_round(self, server_round: int, arrays: list[np.ndarray], folder: Path,
+                   final: bool) -> None:
+        """Write the round's global artefact (adapter/model) to ``folder`` (a round's,
+        ``best/``, or ``final/`` when ``final``)."""
 
     def check_result(self, arrays: list[np.ndarray]) -> str | None:
         """Why a client's result can't be aggregated, or None when it is fine."""
@@ -230,8 +242,10 @@ class TrackedStrategy(Strategy):
         pairs = [(r.num_examples, {"loss": r.loss, **r.metrics}) for _, r in results]
         metrics = weighted_mean_metrics(pairs)
         metrics.pop("partition-id", None)
-        self.records.add_to_written(self.absolute(server_round),
-                                    {f"eval_{k}": v for k, v in metrics.items()})
+        rnd = self.absolute(server_round)
+        values = {f"eval_{k}": v for k, v in metrics.items()}
+        self.records.add_to_written(rnd, values)
+        self.keep_best(rnd, values, self.current)
         return metrics.get("loss"), metrics
 
     def evaluate(self, server_round: int,
@@ -244,20 +258,38 @@ class TrackedStrategy(Strategy):
         t0 = time.perf_counter()
         metrics = self.evaluate_global(arrays) if self.cfg.server_eval else {}
         values: dict[str, Any] = {f"server_{k}": v for k, v in metrics.items()}
+        if self.cfg.server_val_size:
+            values.update({f"server_val_{k}": v
+                           for k, v in self.validate_global(arrays).items()})
         values["server_eval_time_s"] = time.perf_counter() - t0
         if server_round > 0:
             values.update(self.ledger.round_totals(rnd))
             values.update(self.client_dp_metrics(rnd))
             values["round_time_s"] = time.perf_counter() - self._round_start
             if self.cfg.save_every_round:
-                self.save_round(rnd, arrays, final=False)
+                self.save_round(rnd, arrays, self.run.round_dir(rnd), final=False)
             self.run.save_checkpoint(rnd, self._checkpoint_arrays(arrays), {
                 "algorithm": self.cfg.algorithm,
                 "ledger": self.ledger.to_json(),
             })
         self.records.write(rnd, values)
+        self.keep_best(rnd, values, arrays)
         loss = metrics.get("loss", float("nan"))
         return float(loss), {k: v for k, v in metrics.items() if k != "loss"}
+
+    def keep_best(self, rnd: int, values: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """With ``best-metric`` in round ``rnd``'s ``values``: save the round's artefact to
+        ``best/`` when it beats every earlier round, and record the best round so far."""
+        metric = self.cfg.best_metric
+        if not metric or not isinstance(values.get(metric), (int, float)):
+            return
+        before = best_round(self.run.records, metric, exclude=rnd)
+        if improves(metric, float(values[metric]), before):
+            self.save_round(rnd, arrays, self.run.path / BEST, final=False)
+            log(INFO, "round %d: best so far by %s (%.4g); saved in %s", rnd, metric,
+                values[metric], self.run.path / BEST)
+            before = (rnd, float(values[metric]))
+        self.records.add_to_written(rnd, {BEST_ROUND: before[0]})
 
     def client_dp_metrics(self, rounds: int) -> dict[str, float]:
         """Client-level epsilon after ``rounds`` rounds, composed over each round's real
@@ -296,7 +328,8 @@ class TrackedStrategy(Strategy):
 
     def finish(self) -> str:
         """Save the final artefact, plots and return the summary table."""
-        self.save_round(self.cfg.num_server_rounds, self.current, final=True)
+        self.save_round(self.cfg.num_server_rounds, self.current, self.run.path / FINAL,
+                        final=True)
         if self.cfg.plots:
             self.run.plot()
         (self.run.path / "communication.json").write_text(
@@ -304,5 +337,15 @@ class TrackedStrategy(Strategy):
         return self.headline() + "\n" + self.run.summary_table()
 
     def headline(self) -> str:
-        """``server_accuracy: 0.24 (round 0) -> 0.90 (round 3)`` for each server metric."""
-        return self.records.headline()
+        """``server_accuracy: 0.24 (round 0) -> 0.90 (round 3)`` for each server metric, and
+        the best round by ``best-metric`` with its test numbers."""
+        lines = [self.records.headline()]
+        metric = self.cfg.best_metric
+        best = best_round(self.run.records, metric) if metric else None
+        if best is not None:
+            rec = next(r for r in self.run.records if r["round"] == best[0])
+            test = ", ".join(f"{k} {rec[k]:.4f}" for k in ("server_accuracy", "server_rouge-l",
+                                                             "server_loss") if k in rec)
+            lines.append(f"best round by {metric}: {best[0]} ({best[1]:.4f}; saved in "
+                         f"{BEST}/){'; test ' + test if test else ''}")
+        return "\n".join(line for line in lines if line)

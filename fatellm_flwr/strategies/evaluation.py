@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..config import Config
-from ..data import server_eval_sets, tokenize_dataset
+from ..data import server_eval_sets, server_val_set, tokenize_dataset
 from ..metrics import evaluate_model
 
 EvaluateFn = Callable[[list[np.ndarray]], dict[str, float]]
@@ -16,21 +16,25 @@ EvaluateFn = Callable[[list[np.ndarray]], dict[str, float]]
 
 class HeldOutSet:
     """The server's evaluation set (``server-eval-dataset``; by default the test split held
-    out of ``dataset``), loaded and tokenized on first use."""
+    out of ``dataset``), or with ``split="val"`` its validation set (``server-val-size``),
+    loaded and tokenized on first use."""
 
-    def __init__(self, cfg: Config, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: Config, tokenizer, split: str = "test"):
+        if split not in ("test", "val"):
+            raise ValueError(f"split={split!r}; allowed: test, val")
+        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self._sets: tuple | None = None
 
     def get(self) -> tuple:
-        """``(task data, raw test set, tokenized test set)``."""
+        """``(task data, raw set, tokenized set)``."""
         if self._sets is None:
-            task_data, test = server_eval_sets(self.cfg)
-            if task_data is None:  # server-eval-dataset=none: the server holds no data
-                self._sets = (None, test, test)
+            load = server_eval_sets if self.split == "test" else server_val_set
+            task_data, raw = load(self.cfg)
+            if task_data is None:  # the server holds no data (or no validation set)
+                self._sets = (None, raw, raw)
                 return self._sets
-            self._sets = (task_data, test, tokenize_dataset(test, self.tokenizer, self.cfg,
-                                                            task_data))
+            self._sets = (task_data, raw, tokenize_dataset(raw, self.tokenizer, self.cfg,
+                                                           task_data))
         return self._sets
 
 

@@ -93,6 +93,7 @@ import io
 import json
 import uuid
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.common import (
@@ -108,7 +109,7 @@ from flwr.server.strategy import FedAvg
 from ..config import Config, ConfigError
 from ..models import count_parameters, load_base_model, load_tokenizer
 from ..outputs import (
-    FINAL,
+    COEFFS_FILE,
     FULL_MODEL,
     MODEL_MANIFEST,
     ZO_COEFFICIENTS,
@@ -134,7 +135,6 @@ from ..zo_model import ZoModel
 from .base import TrackedStrategy
 from .evaluation import HeldOutSet, model_evaluator
 
-COEFFS_FILE = "fedkseed-coefficients.npz"
 _EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
 
 
@@ -266,12 +266,14 @@ class FedKSeedStrategy(TrackedStrategy):
             min_available_clients=cfg.min_available_clients,
             fit_metrics_aggregation_fn=lambda _: {},
             evaluate_metrics_aggregation_fn=lambda _: {})
-        evaluate_fn = model_evaluator(self.zmodel.model, self.tokenizer, cfg,
-                                      lambda arrays: self.zmodel.move_to(arrays[0]),
-                                      HeldOutSet(cfg, self.tokenizer))
+        evaluate_fn, validate_fn = (
+            model_evaluator(self.zmodel.model, self.tokenizer, cfg,
+                            lambda arrays: self.zmodel.move_to(arrays[0]),
+                            HeldOutSet(cfg, self.tokenizer, split))
+            for split in ("test", "val"))
         super().__init__(cfg, inner, run, [self.server.coeffs.copy()],
                          full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger,
-                         evaluate_fn=evaluate_fn)
+                         evaluate_fn=evaluate_fn, validate_fn=validate_fn)
         self.run_id = uuid.uuid4().hex[:12]
         if strategy_state:
             self.load_strategy_state(strategy_state)
@@ -382,16 +384,16 @@ class FedKSeedStrategy(TrackedStrategy):
                  meta=np.asarray(json.dumps(meta)))
         return buf.getvalue()
 
-    def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
+    def save_round(self, server_round: int, arrays: list[np.ndarray], folder: Path,
+                   final: bool) -> None:
         npz = self.coefficients_npz(arrays[0])
-        if not final:  # a few KB per round; the full model only at the end
-            folder = self.run.round_dir(server_round)
+        if not final:  # a few KB per round (and for best/); the full model only at the end
             atomic_write_bytes(folder / COEFFS_FILE, npz)
             atomic_write_json(folder / MODEL_MANIFEST, model_manifest(
                 ZO_COEFFICIENTS, "fedkseed", self.cfg.model, self.cfg.gguf_file, server_round))
             return
         self.zmodel.move_to(arrays[0])
-        save_model_folder(self.run.path / FINAL, self.zmodel.model, self.tokenizer,
+        save_model_folder(folder, self.zmodel.model, self.tokenizer,
                           kind=FULL_MODEL, algorithm="fedkseed", base_model=self.cfg.model,
                           gguf_file=self.cfg.gguf_file, server_round=server_round,
                           extra_files={COEFFS_FILE: npz})

@@ -31,7 +31,9 @@ top-k payloads travel (``8 k`` bytes per token + lengths and CE), counted in the
 
 from __future__ import annotations
 
+from functools import partial
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ from ..models import (
     load_tokenizer,
     set_trainable_state,
 )
-from ..outputs import FINAL, PEFT_ADAPTER, save_model_folder
+from ..outputs import PEFT_ADAPTER, save_model_folder
 from ..wire.common import KEY_SERVER_ROUND, decode_arrays, encode_arrays, parameters_nbytes
 from ..wire.fedmkt import (
     KEY_SAVE_DIR,
@@ -69,7 +71,7 @@ from ..wire.fedmkt import (
     topk_problem,
 )
 from .base import TrackedStrategy
-from .evaluation import HeldOutSet
+from .evaluation import HeldOutSet, model_evaluator
 from .records import failed_nodes, weighted_mean_metrics
 
 _EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -88,8 +90,11 @@ class FedMKTStrategy(TrackedStrategy):
         inner = FedAvg(fraction_fit=cfg.fraction_fit, fraction_evaluate=0.0,
                        min_fit_clients=cfg.min_fit_clients, min_evaluate_clients=0,
                        min_available_clients=cfg.min_available_clients)
+        validate_fn = model_evaluator(self.model, self.tokenizer, cfg,
+                                      partial(set_trainable_state, self.model),
+                                      HeldOutSet(cfg, self.tokenizer, "val"))
         super().__init__(cfg, inner, run, initial, full_model_bytes=4 * total,
-                         round_offset=round_offset, ledger=ledger)
+                         round_offset=round_offset, ledger=ledger, validate_fn=validate_fn)
         pub_task, pub_raw = public_examples(cfg)
         self._public_data = (pub_task, pub_raw)
         self.public = encode_public(self.tokenizer, cfg, pub_task, pub_raw)
@@ -256,9 +261,10 @@ class FedMKTStrategy(TrackedStrategy):
         set_trainable_state(self.model, arrays)
         return evaluate_model(self.model, self.tokenizer, raw, tokenized, task_data, self.cfg)
 
-    def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
+    def save_round(self, server_round: int, arrays: list[np.ndarray], folder: Path,
+                   final: bool) -> None:
         set_trainable_state(self.model, arrays)
-        save_model_folder(self.run.path / FINAL if final else self.run.round_dir(server_round),
+        save_model_folder(folder,
                           self.model, self.tokenizer, kind=PEFT_ADAPTER, algorithm="fedmkt",
                           base_model=self.cfg.model, gguf_file=self.cfg.gguf_file,
                           server_round=server_round)

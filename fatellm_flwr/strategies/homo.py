@@ -10,13 +10,14 @@ wrapped by :class:`~fatellm_flwr.strategies.base.TrackedStrategy`.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from ..config import Config
 from ..models import count_parameters, load_peft_model, set_trainable_state
-from ..outputs import FINAL, PEFT_ADAPTER, save_model_folder
+from ..outputs import PEFT_ADAPTER, save_model_folder
 from .base import TrackedStrategy
 from .client_dp import with_client_dp
 from .evaluation import HeldOutSet, model_evaluator
@@ -58,16 +59,18 @@ class HomoStrategy(TrackedStrategy):
 
         initial = initial if initial is not None else get_trainable_state(self.model)
         _, total = count_parameters(self.model)
-        evaluate_fn = model_evaluator(self.model, self.tokenizer, cfg,
-                                      partial(set_trainable_state, self.model),
-                                      HeldOutSet(cfg, self.tokenizer))
+        load = partial(set_trainable_state, self.model)
+        evaluate_fn, validate_fn = (
+            model_evaluator(self.model, self.tokenizer, cfg, load,
+                            HeldOutSet(cfg, self.tokenizer, split))
+            for split in ("test", "val"))
         inner = build_aggregator(cfg, initial)
         if cfg.flexlora:
             inner = FlexLoRAFedAvg(trainable_names(self.model), cfg.lora_alpha,
                                    server_rank(cfg), **_flexlora_kwargs(inner))
         super().__init__(cfg, with_client_dp(cfg, inner), run, initial,
                          full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger,
-                         evaluate_fn=evaluate_fn)
+                         evaluate_fn=evaluate_fn, validate_fn=validate_fn)
         if strategy_state:
             self.load_strategy_state(strategy_state)
 
@@ -83,9 +86,10 @@ class HomoStrategy(TrackedStrategy):
                                      instructions)
         return instructions
 
-    def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
+    def save_round(self, server_round: int, arrays: list[np.ndarray], folder: Path,
+                   final: bool) -> None:
         set_trainable_state(self.model, arrays)
-        save_model_folder(self.run.path / FINAL if final else self.run.round_dir(server_round),
+        save_model_folder(folder,
                           self.model, self.tokenizer, kind=PEFT_ADAPTER, algorithm="homo",
                           base_model=self.cfg.model, gguf_file=self.cfg.gguf_file,
                           server_round=server_round)

@@ -64,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ from ..emulator import (
 )
 from ..metrics import evaluate_model
 from ..models import count_parameters, load_base_model, load_tokenizer
-from ..outputs import FINAL, FULL_MODEL, atomic_write_bytes, atomic_write_json, save_model_folder
+from ..outputs import FULL_MODEL, atomic_write_bytes, atomic_write_json, save_model_folder
 from ..wire.common import to_wire
 from ..wire.offsite import (
     KEY_ADAPTER_NAMES,
@@ -100,6 +101,7 @@ from ..wire.offsite import (
 )
 from .base import TrackedStrategy
 from .client_dp import with_client_dp
+from .evaluation import HeldOutSet, model_evaluator
 from .homo import build_aggregator
 
 DISTILLED_FILE = "offsite-distilled-emulator.safetensors"
@@ -211,8 +213,12 @@ class OffsiteStrategy(TrackedStrategy):
         self._names_json = json.dumps(self.adapter_names)
         initial = initial if initial is not None else [a.copy() for a in self.original]
         _, total = count_parameters(self.full)
+        # validation (server-val-size): the deliverable, full model + adapters, only
+        validate_fn = model_evaluator(self.full, self.tokenizer, cfg, self.plug,
+                                      HeldOutSet(cfg, self.tokenizer, "val"))
         super().__init__(cfg, with_client_dp(cfg, build_aggregator(cfg, initial)), run, initial,
-                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger)
+                         full_model_bytes=4 * total, round_offset=round_offset, ledger=ledger,
+                         validate_fn=validate_fn)
         if strategy_state:
             self.load_strategy_state(strategy_state)
         self.adapter_bytes = int(sum(a.nbytes for a in self.original))
@@ -349,9 +355,10 @@ class OffsiteStrategy(TrackedStrategy):
             out.update({f"{name}_{k}": v for k, v in metrics.items()})
         return out
 
-    def save_round(self, server_round: int, arrays: list[np.ndarray], final: bool) -> None:
+    def save_round(self, server_round: int, arrays: list[np.ndarray], folder: Path,
+                   final: bool) -> None:
         self.plug(arrays)
-        save_model_folder(self.run.path / FINAL if final else self.run.round_dir(server_round),
+        save_model_folder(folder,
                           self.full, self.tokenizer, kind=FULL_MODEL, algorithm="offsite",
                           base_model=self.cfg.model, gguf_file=self.cfg.gguf_file,
                           server_round=server_round)
