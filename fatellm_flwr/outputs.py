@@ -160,10 +160,11 @@ class RunDir:
         written: list[Path] = []
         rounds = [r["round"] for r in self.records]
         groups = {
-            "metrics.png": [k for k in ("server_accuracy", "server_rouge-l") if
+            "metrics.png": [k for k in ("server_accuracy", "server_rouge-l",
+                                        "server_val_accuracy", "server_val_rouge-l") if
                             any(k in r for r in self.records)],
-            "loss.png": [k for k in ("server_loss", "fit_train_loss", "eval_loss") if
-                         any(k in r for r in self.records)],
+            "loss.png": [k for k in ("server_loss", "server_val_loss", "fit_train_loss",
+                                     "eval_loss") if any(k in r for r in self.records)],
         }
         for name, keys in groups.items():
             if not keys:

@@ -15,3 +15,5 @@ def test_offsite_notebook_runs_and_shows_four_numbers(execute_notebook):
     assert "benchmarks/offsite_depth.py --model tiny --quick" in text
     assert "plug-in - zero-shot (acc)" in text
     assert any(line.split()[:3] == ["2", "4", "of"] for line in text.splitlines())
+    # early stopping (tiny, --quick --val-size 8): the round kept and its test accuracy
+    assert "--val-size 8" in text and "round kept: " in text

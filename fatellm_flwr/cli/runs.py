@@ -196,7 +196,7 @@ def _load_base(manifest: dict[str, Any], device: str):
 
 def resolve_model_folder(path: str | Path) -> Path:
     """The model folder for ``path``: a run (its ``final/`` or last round) or a model folder
-    inside a run (``<run>/round-002``)."""
+    inside a run (``<run>/round-002``, ``<run>/best``)."""
     path = Path(path)
     if (path / MODEL_MANIFEST).exists():
         return path
