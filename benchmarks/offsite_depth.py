@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--best-metric", default="server_val_accuracy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="", help="comma-separated seeds: every split once per "
+                   "seed (data subset, partition, initialisation, sampling); overrides --seed")
     p.add_argument("--quick", action="store_true", help="tiny settings, results not written")
     p.add_argument("--report-only", default="", metavar="RESULTS_JSON",
                    help="run nothing: write the report from a JSON list of the per-split "
@@ -83,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.configs:
             args.configs = "1/1/1/d,0/1/1"
     args.splits = parse_configs(args)
+    try:
+        args.seed_list = ([int(x) for x in args.seeds.split(",") if x.strip()]
+                          or [args.seed])
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     return args
 
 
@@ -111,7 +118,7 @@ def label(split: tuple[int, int, int, bool]) -> str:
     return f"n={n} a={a} b={b}" + (" distilled" if distill else "")
 
 
-def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
+def run_depth(split: tuple[int, int, int, bool], args, model: str, seed: int) -> dict:
     import torch
 
     n, a, b, distill = split
@@ -127,7 +134,7 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
         "offsite-distill-lr": args.distill_lr,
         "num-server-rounds": args.rounds, "local-steps": args.local_steps,
         "batch-size": args.batch_size, "lr": args.lr, "max-length": args.max_length,
-        "max-examples": args.max_examples, "test-size": args.test_size, "seed": args.seed,
+        "max-examples": args.max_examples, "test-size": args.test_size, "seed": seed,
         "partitioner": "iid", "min-fit-clients": args.clients,
         "min-available-clients": args.clients, "fraction-evaluate": 0.0,
         "save-every-round": False, "plots": False, "num-threads": args.threads,
@@ -144,7 +151,8 @@ def run_depth(split: tuple[int, int, int, bool], args, model: str) -> dict:
     wall = time.perf_counter() - t0
     last = strategy.run.records[-1]
     first = strategy.run.records[0]
-    res = {"n": n, "a": a, "b": b, "distilled": distill, "label": label(split),
+    name = label(split) + (f" seed {seed}" if len(args.seed_list) > 1 else "")
+    res = {"n": n, "a": a, "b": b, "distilled": distill, "label": name, "seed": seed,
            "layers": layout.num_layers,
            "kept": layout.kept_indices(), "middle": len(layout.middle_indices()),
            "wall_s": wall, "client_blocks": len(layout.kept_indices()),
@@ -225,7 +233,8 @@ def report(args, results: list[dict], load0, write: bool) -> str:
         + (f" + {args.val_size} for its validation" if args.val_size else "")
         + f", the rest IID over {args.clients} clients; "
         f"{args.rounds} rounds x {args.local_steps} local steps, batch {args.batch_size}, AdamW "
-        f"lr {args.lr:g}, max length {args.max_length}, seed {args.seed}; accuracy = most "
+        f"lr {args.lr:g}, max length {args.max_length}, seed "
+        f"{', '.join(map(str, args.seed_list))}; accuracy = most "
         f"likely label (5 labels, chance 0.2), binomial s.e. at most {se:.3f} per number. "
         "Numbers after the last round; one federation per row.", "", table, "",
         *(["By round:", "", curve_table, ""] if curves else []),
@@ -256,6 +265,8 @@ def report(args, results: list[dict], load0, write: bool) -> str:
                           f"{C.fmt(r['full_zeroshot_accuracy'])}" for r in results)
                 + f"; largest gain at n={best['n']}"))
         if validated:
+            gains = [r["chosen_plugin_accuracy"] - r["full_zeroshot_accuracy"]
+                     for r in validated]
             summary.append((
                 f"Offsite plug-in at the round kept by early stopping ({args.best_metric} on "
                 f"{args.val_size} validation examples; test numbers)",
@@ -263,7 +274,10 @@ def report(args, results: list[dict], load0, write: bool) -> str:
                           f"{C.fmt(r['chosen_plugin_accuracy'])} vs zero-shot "
                           f"{C.fmt(r['full_zeroshot_accuracy'])} "
                           f"({r['chosen_plugin_accuracy'] - r['full_zeroshot_accuracy']:+.2f})"
-                          for r in validated)))
+                          for r in validated)
+                + (f"; mean over {len(validated)} federations "
+                   f"{sum(gains) / len(gains):+.2f} (min {min(gains):+.2f}, max "
+                   f"{max(gains):+.2f})" if len(validated) > 1 else "")))
     title = ("Offsite-tuning: plug-in vs zero-shot across splits and distillation" if sweep
              else "Offsite-tuning: plug-in vs zero-shot across emulator depths")
     return C.emit(args.name, title, body, C.command_line(), write=write, summary=summary, notes=[
@@ -288,8 +302,9 @@ def main(argv=None) -> None:
         return
     model = C.resolve_model_arg(args.model)
     results = []
-    for split in args.splits:
-        results.append(run_depth(split, args, model))
+    for seed in args.seed_list:
+        for split in args.splits:
+            results.append(run_depth(split, args, model, seed))
     report(args, results, load0, write=not args.quick)
 
 

@@ -76,3 +76,10 @@ def test_report_only_rebuilds_by_round_table_and_best_round(tmp_path):
     assert "| n=6 a=2 b=2 distilled | 0.3 -> 0.36 -> 0.28 | 0.2 -> 0.5 -> 0.8 |" in text
     assert "(best after round 1 of 2: plug-in 0.36)" in text
     assert bench.best_round({**res, "rounds_acc": {"plugin": [0.3, 0.2, 0.4]}}) == ""
+
+
+def test_seeds_repeat_every_split():
+    assert bench.parse_args(["--seeds", "1, 2"]).seed_list == [1, 2]
+    assert bench.parse_args(["--seed", "7"]).seed_list == [7]
+    with pytest.raises(SystemExit, match="--seeds '1,x': expected comma-separated integers"):
+        bench.parse_args(["--seeds", "1,x"])
