@@ -43,7 +43,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("**FedKSeed**", ["fedkseed_comm", "fedkseed_replay", "fedkseed_vs_lora", "zo_speed"]),
     ("**Offsite-tuning** (a=2, b=2, emulator n=6 of the 26 middle blocks unless a row sweeps n)",
      ["offsite", "offsite_quality", "offsite_depth", "offsite_split", "offsite_split_long",
-      "offsite_distill_long", "offsite_best_round"]),
+      "offsite_distill_long", "offsite_best_round", "offsite_best_round_seeds"]),
     ("**Deployment**", ["scale", "homo_checkpointing", "wire_dtype"]),
     ("**FedIPR and InferDPT**", ["fedipr", "inferdpt"]),
     ("**Heterogeneous federation**", ["fedmkt", "flexlora"]),
