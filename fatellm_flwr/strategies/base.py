@@ -244,8 +244,8 @@ class TrackedStrategy(Strategy):
         metrics.pop("partition-id", None)
         rnd = self.absolute(server_round)
         values = {f"eval_{k}": v for k, v in metrics.items()}
+        values.update(self.keep_best(rnd, values, self.current))
         self.records.add_to_written(rnd, values)
-        self.keep_best(rnd, values, self.current)
         return metrics.get("loss"), metrics
 
     def evaluate(self, server_round: int,
@@ -272,24 +272,26 @@ class TrackedStrategy(Strategy):
                 "algorithm": self.cfg.algorithm,
                 "ledger": self.ledger.to_json(),
             })
+        values.update(self.keep_best(rnd, values, arrays))  # best/ first, then the record
         self.records.write(rnd, values)
-        self.keep_best(rnd, values, arrays)
         loss = metrics.get("loss", float("nan"))
         return float(loss), {k: v for k, v in metrics.items() if k != "loss"}
 
-    def keep_best(self, rnd: int, values: dict[str, Any], arrays: list[np.ndarray]) -> None:
+    def keep_best(self, rnd: int, values: dict[str, Any],
+                  arrays: list[np.ndarray]) -> dict[str, int]:
         """With ``best-metric`` in round ``rnd``'s ``values``: save the round's artefact to
-        ``best/`` when it beats every earlier round, and record the best round so far."""
+        ``best/`` when it beats every earlier round; returns the record's ``best_round``
+        (written after ``best/``, so a record never names a round ``best/`` lacks)."""
         metric = self.cfg.best_metric
         if not metric or not isinstance(values.get(metric), (int, float)):
-            return
+            return {}
         before = best_round(self.run.records, metric, exclude=rnd)
         if improves(metric, float(values[metric]), before):
             self.save_round(rnd, arrays, self.run.path / BEST, final=False)
             log(INFO, "round %d: best so far by %s (%.4g); saved in %s", rnd, metric,
                 values[metric], self.run.path / BEST)
             before = (rnd, float(values[metric]))
-        self.records.add_to_written(rnd, {BEST_ROUND: before[0]})
+        return {BEST_ROUND: before[0]}
 
     def client_dp_metrics(self, rounds: int) -> dict[str, float]:
         """Client-level epsilon after ``rounds`` rounds, composed over each round's real
