@@ -60,7 +60,7 @@ from . import checkpoint
 from .best import BEST, BEST_ROUND, best_round, improves
 from .evaluation import EvaluateFn, HeldOutSet
 from .outbox import NodeOutbox
-from .records import RoundRecords, failed_nodes, weighted_mean_metrics
+from .records import HEADLINE_KEYS, RoundRecords, failed_nodes, weighted_mean_metrics
 from .secagg import from_delta, keep_dtypes, upload_nbytes
 from .validation import shape_problem
 
@@ -346,8 +346,7 @@ class TrackedStrategy(Strategy):
         best = best_round(self.run.records, metric) if metric else None
         if best is not None:
             rec = next(r for r in self.run.records if r["round"] == best[0])
-            test = ", ".join(f"{k} {rec[k]:.4f}" for k in ("server_accuracy", "server_rouge-l",
-                                                             "server_loss") if k in rec)
+            test = ", ".join(f"{k} {rec[k]:.4f}" for k in HEADLINE_KEYS if k in rec)
             lines.append(f"best round by {metric}: {best[0]} ({best[1]:.4f}; saved in "
                          f"{BEST}/){'; test ' + test if test else ''}")
         return "\n".join(line for line in lines if line)

@@ -12,6 +12,8 @@ from flwr.common.logger import log
 from ..logging_setup import round_line
 from ..outputs import RunDir
 
+HEADLINE_KEYS = ("server_accuracy", "server_rouge-l", "server_loss")  # the summary's metrics
+
 
 def weighted_mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, float]:
     """Example-weighted mean of every numeric metric reported by the clients.
@@ -85,7 +87,7 @@ class RoundRecords:
         """``server_accuracy: 0.24 (round 0) -> 0.90 (round 3)`` for each server metric."""
         recs = self.run.records
         out = []
-        for key in ("server_accuracy", "server_rouge-l", "server_loss"):
+        for key in HEADLINE_KEYS:
             pts = [(r["round"], r[key]) for r in recs if key in r]
             if len(pts) >= 2:
                 out.append(f"{key}: {pts[0][1]:.4f} (round {pts[0][0]}) -> {pts[-1][1]:.4f} "
